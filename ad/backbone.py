@@ -1,0 +1,177 @@
+"""Frozen timm CNN feature extractor with explicit, recorded weight provenance.
+
+The weights come from one of three places and the run always says which (``weights_source``):
+``imagenet`` (timm's pretrained weights under an explicitly pinned tag, from the local Hugging Face
+cache or the hub), ``file`` (a local timm/torchvision state-dict checkpoint, for air-gapped
+machines) or ``random`` (deliberately, or after a loud warning when ImageNet weights cannot be
+fetched), so nobody mistakes a random-feature result for a real one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from ad.errors import ADError
+
+log = logging.getLogger(__name__)
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def layer_indices(name: str, layers: list[str]) -> list[int]:
+    """Map timm feature module names (``layer1``...) to ``out_indices``, built on the meta device."""
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise ADError(f"backbone.name: unknown timm model '{name}' ({exc}); see timm.list_models()") from None
+    names = probe.feature_info.module_name()
+    missing = [layer for layer in layers if layer not in names]
+    if missing:
+        raise ADError(f"model.layers: {missing} are not feature layers of {name}; choose from {names}")
+    return [names.index(layer) for layer in layers]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for the backbone pass: ``auto`` picks bf16 only where the hardware runs it fast."""
+    if precision == "fp32":
+        return None
+    if precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision != "auto":
+        raise ADError(f"trainer.precision: '{precision}' is not one of auto, fp32, bf16, fp16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On CPUs without native bf16 (no AVX512_BF16/AMX) autocast is ~8x slower than fp32.
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def _host_reachable(url: str) -> bool:
+    """True when a TCP connection to the URL's host opens quickly (avoids a minute of hub retries)."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_hub_file(hf_hub_id: str) -> str | None:
+    """Path of already-downloaded hub weights, so cached weights load with no network at all."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(hf_hub_id, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _create(name: str, out_indices: list[int], file: str | None = None, pretrained: bool = False) -> nn.Module:
+    overlay = {"file": file} if file else None
+    return timm.create_model(
+        name, pretrained=pretrained or bool(file), features_only=True, out_indices=out_indices,
+        pretrained_cfg_overlay=overlay,
+    )
+
+
+def _random_init_warning(reason: str) -> None:
+    message = (
+        f"\n{'!' * 78}\n!! ImageNet weights unavailable ({reason}).\n"
+        "!! Continuing with RANDOMLY INITIALISED backbone weights: results are NOT comparable to\n"
+        "!! published numbers. Pass a local checkpoint with backbone.weights=/path/to/weights.pth,\n"
+        f"!! or pre-fetch the weights while online.\n{'!' * 78}"
+    )
+    log.warning(message)
+    warnings.warn("backbone running with random weights: " + reason, stacklevel=3)
+
+
+def build_feature_model(name: str, layers: list[str], weights: str, tag: str | None) -> tuple[nn.Module, str]:
+    """Create the truncated timm model and return it with its weights source."""
+    out_indices = layer_indices(name, layers)
+    if weights == "random":
+        return _create(name, out_indices), "random"
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ADError(f"backbone.weights: '{weights}' is neither imagenet, random nor an existing checkpoint file")
+        try:
+            return _create(name, out_indices, file=str(path)), "file"
+        except (RuntimeError, KeyError, ValueError, EOFError, OSError) as exc:
+            first_line = str(exc).strip().splitlines()[0][:300]
+            raise ADError(f"backbone.weights: '{path}' does not fit backbone {name} ({first_line})") from None
+
+    full_name = f"{name}.{tag}" if tag else name
+    if tag and full_name not in timm.list_pretrained(f"{name}.*"):
+        available = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*")]
+        raise ADError(f"backbone.tag: '{tag}' is not a pretrained tag of {name}; available: {available}")
+    cfg = timm.models.get_pretrained_cfg(full_name)
+    hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if hf_hub_id and (cached := _cached_hub_file(hf_hub_id)):
+        return _create(full_name, out_indices, file=cached), "imagenet"
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hf_hub_id else getattr(cfg, "url", "")
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or not url or not _host_reachable(url):
+        _random_init_warning(f"{full_name} is not cached locally and {url or 'the hub'} is unreachable")
+        return _create(name, out_indices), "random"
+    try:
+        return _create(full_name, out_indices, pretrained=True), "imagenet"
+    except Exception as exc:  # any download failure: the contract is to warn loudly and go on
+        _random_init_warning(f"download of {full_name} failed: {str(exc).splitlines()[0][:200]}")
+        return _create(name, out_indices), "random"
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone returning fp32 feature maps of the requested layers.
+
+    Runs in eval mode without gradients; ``channels_last`` and autocast (bf16/fp16) make the
+    backbone pass several times faster where the hardware supports them.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        layers: list[str],
+        weights: str = "imagenet",
+        tag: str | None = "tv_in1k",
+        precision: str = "fp32",
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.name, self.layers, self.tag = name, list(layers), tag
+        self.model, self.weights_source = build_feature_model(name, self.layers, weights, tag)
+        self.model.eval().requires_grad_(False)
+        self.precision, self.channels_last = precision, channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def channels(self) -> list[int]:
+        return list(self.model.feature_info.channels())
+
+    @property
+    def reductions(self) -> list[int]:
+        return list(self.model.feature_info.reduction())
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stay in eval mode: the backbone is frozen, its batch-norm statistics must not move."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        dtype = resolve_precision(self.precision, images.device)
+        amp = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with amp:
+            features = self.model(images)
+        return [f.float().contiguous() for f in features]

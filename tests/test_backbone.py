@@ -1,0 +1,98 @@
+"""Backbone construction: layer mapping, weight sources and their failure messages."""
+
+import pytest
+import timm
+import torch
+
+from ad import backbone as bb
+from ad.backbone import FeatureExtractor, layer_indices, resolve_precision
+from ad.errors import ADError
+
+
+@pytest.fixture(scope="module")
+def resnet18_checkpoint(tmp_path_factory):
+    """A full timm/torchvision-style resnet18 state dict saved to disk, as a user would pass it."""
+    torch.manual_seed(123)
+    model = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.state_dict()
+
+
+def test_layer_names_map_to_timm_feature_indices():
+    assert layer_indices("resnet18", ["layer1", "layer2", "layer3"]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("name", "layers", "key"), [
+    ("resnet18", ["layer9"], "model.layers"),
+    ("no_such_net", ["layer1"], "backbone.name"),
+])
+def test_bad_backbone_settings_name_the_key(name, layers, key):
+    with pytest.raises(ADError, match=key):
+        layer_indices(name, layers)
+
+
+def test_random_weights_give_requested_feature_maps():
+    extractor = FeatureExtractor("resnet18", ["layer1", "layer3"], weights="random")
+    features = extractor(torch.randn(2, 3, 64, 64))
+    assert extractor.weights_source == "random"
+    assert [f.shape for f in features] == [(2, 64, 16, 16), (2, 256, 4, 4)]
+    assert all(f.dtype == torch.float32 for f in features)
+
+
+def test_checkpoint_file_is_loaded_exactly(resnet18_checkpoint):
+    path, state = resnet18_checkpoint
+    extractor = FeatureExtractor("resnet18", ["layer1"], weights=str(path))
+    assert extractor.weights_source == "file"
+    loaded = extractor.model.state_dict()
+    assert torch.equal(loaded["conv1.weight"], state["conv1.weight"])
+    assert torch.equal(loaded["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(resnet18_checkpoint):
+    path, _ = resnet18_checkpoint
+    with pytest.raises(ADError, match="does not fit backbone resnet50"):
+        FeatureExtractor("resnet50", ["layer1"], weights=str(path))
+
+
+def test_missing_checkpoint_file_names_the_key(tmp_path):
+    with pytest.raises(ADError, match="backbone.weights"):
+        FeatureExtractor("resnet18", ["layer1"], weights=str(tmp_path / "nope.pth"))
+
+
+def test_unknown_weight_tag_lists_the_available_ones():
+    with pytest.raises(ADError, match="backbone.tag.*tv_in1k"):
+        FeatureExtractor("resnet18", ["layer1"], weights="imagenet", tag="no_such_tag")
+
+
+def test_unreachable_hub_warns_loudly_and_records_random(monkeypatch):
+    monkeypatch.setattr(bb, "_cached_hub_file", lambda hub_id: None)
+    monkeypatch.setattr(bb, "_host_reachable", lambda url: False)
+    with pytest.warns(UserWarning, match="random weights"):
+        extractor = FeatureExtractor("resnet18", ["layer1"], weights="imagenet", tag="tv_in1k")
+    assert extractor.weights_source == "random"
+
+
+def test_cached_hub_weights_load_offline_as_imagenet(monkeypatch, resnet18_checkpoint):
+    path, state = resnet18_checkpoint
+    requested = []
+    monkeypatch.setattr(bb, "_cached_hub_file", lambda hub_id: requested.append(hub_id) or str(path))
+    extractor = FeatureExtractor("resnet18", ["layer1"], weights="imagenet", tag="tv_in1k")
+    assert requested == ["timm/resnet18.tv_in1k"]
+    assert extractor.weights_source == "imagenet"
+    assert torch.equal(extractor.model.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+def test_backbone_stays_frozen_in_train_mode():
+    extractor = FeatureExtractor("resnet18", ["layer1"], weights="random").train()
+    assert not extractor.training and not extractor.model.training
+    assert not any(p.requires_grad for p in extractor.parameters())
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    with pytest.raises(ADError, match="trainer.precision"):
+        resolve_precision("fp8", cpu)

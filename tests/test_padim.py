@@ -1,0 +1,80 @@
+"""PaDiM against a direct, unvectorised computation of the paper's statistics."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.spatial.distance import mahalanobis
+
+from ad.errors import ADError
+from ad.models.padim import COV_EPS, INV_EPS, Padim
+
+DEVICE = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.manual_seed(0)
+    model = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=20)
+    train = torch.randn(10, 3, 64, 64)
+    model.fit([{"image": train[:6]}, {"image": train[6:]}], DEVICE)  # two batches: streaming sums
+    return model, train
+
+
+def test_embedding_is_concatenate_upsample_then_index(fitted):
+    model, train = fitted
+    features = model.extractor(train[:2])
+    grid = features[0].shape[-2:]
+    full = torch.cat([features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]], 1)
+    expected = full[:, model.channel_idx].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.embed(train[:2]), expected)
+
+
+def test_gaussian_per_position_matches_numpy(fitted):
+    model, train = fitted
+    emb = model.embed(train).double().numpy()  # (N, P, C)
+    for p in (0, 37, emb.shape[1] - 1):
+        cov = np.cov(emb[:, p, :], rowvar=False) + (COV_EPS + INV_EPS) * np.eye(emb.shape[2])
+        np.testing.assert_allclose(model.mean[p].numpy(), emb[:, p].mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(model.inv_cov[p].numpy(), np.linalg.inv(cov), rtol=2e-3, atol=2e-3)
+
+
+def test_distance_is_mahalanobis(fitted):
+    model, _ = fitted
+    image = torch.randn(1, 3, 64, 64)
+    emb = model.embed(image)
+    delta = emb - model.mean
+    squared = torch.einsum("bpc,pcd,bpd->bp", delta, model.inv_cov, delta)[0]
+    for p in (0, 5, emb.shape[1] - 1):
+        expected = mahalanobis(emb[0, p].double(), model.mean[p].double(), model.inv_cov[p].double())
+        assert squared[p].sqrt().item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_map_is_image_sized_and_score_is_its_maximum(fitted):
+    model, _ = fitted
+    prediction = model(torch.randn(3, 3, 64, 64))
+    assert prediction.maps.shape == (3, 64, 64)
+    torch.testing.assert_close(prediction.scores, prediction.maps.flatten(1).amax(1))
+
+
+def test_scores_do_not_depend_on_the_batch(fitted):
+    model, _ = fitted
+    images = torch.randn(4, 3, 64, 64)
+    together = model(images)
+    alone = torch.cat([model(images[i:i + 1]).scores for i in range(4)])
+    torch.testing.assert_close(alone, together.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_channel_defaults_and_bounds():
+    assert Padim(backbone={"name": "resnet18", "weights": "random"}).channel_idx.numel() == 100
+    with pytest.raises(ADError, match="model.n_features"):
+        Padim(backbone={"name": "resnet50", "weights": "random"})
+    with pytest.raises(ADError, match="model.n_features"):
+        Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=1000)
+
+
+def test_channel_subset_is_seeded():
+    a = Padim(backbone={"name": "resnet18", "weights": "random"}, seed=1).channel_idx
+    b = Padim(backbone={"name": "resnet18", "weights": "random"}, seed=1).channel_idx
+    c = Padim(backbone={"name": "resnet18", "weights": "random"}, seed=2).channel_idx
+    assert torch.equal(a, b) and not torch.equal(a, c)
