@@ -1,0 +1,188 @@
+"""Anomaly detection metrics on raw, unbounded scores: image AUROC / F1-max, pixel AUROC / AUPRO.
+
+Scores and maps are whatever the model outputs (e.g. Mahalanobis distances in 0..1000); no
+normalisation is needed by the caller. Higher means more anomalous. Everything runs on the CPU.
+
+Image metrics use torchmetrics. Pixel metrics are written here with value-only numpy sorts, which
+are several times faster than an argsort over millions of pixels (100 x 256 x 256 pixels take well
+under a second on 2 cores); the tests check them against scikit-learn and a brute-force reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
+
+from ad.errors import ADError
+
+__all__ = ["compute_metrics", "image_auroc", "image_f1_max", "pixel_aupro", "pixel_auroc"]
+
+# 8-connectivity inside each image and none across the stacked image axis, so a single
+# ndimage.label call over (N, H, W) gives every region of every image its own label.
+_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
+_STRUCTURE[1] = True
+
+
+def _image_inputs(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten and check image scores and 0/1 labels; both classes must be present."""
+    scores = torch.as_tensor(scores).detach().cpu().flatten()
+    labels = torch.as_tensor(labels).detach().cpu().flatten()
+    if scores.numel() != labels.numel():
+        raise ValueError(f"scores ({scores.numel()}) and labels ({labels.numel()}) differ in length")
+    if not torch.isfinite(scores).all():
+        raise ADError("anomaly scores contain NaN or inf; the model produced invalid values, check its fit")
+    if not bool(((labels == 0) | (labels == 1)).all()):
+        raise ValueError("labels must be 0 (good) or 1 (anomalous)")
+    labels = labels.bool()
+    if labels.all() or not labels.any():
+        only = "anomalous" if labels.any() else "good"
+        raise ADError(
+            f"image metrics need both good and anomalous test images; the test set has only {only} images"
+        )
+    return scores, labels
+
+
+def _to_unit_interval(scores: torch.Tensor) -> torch.Tensor:
+    """Min-max scale to [0, 1] in float64, a monotone map that leaves every ranking metric unchanged."""
+    # TRAP: torchmetrics treats any prediction outside [0, 1] as a logit and applies a sigmoid. On raw
+    # distances (100..10000) the sigmoid is exactly 1.0 for all of them, so every score becomes a tie
+    # and AUROC silently turns into 0.5. Min-max scaling keeps the order and lands inside [0, 1] (the
+    # maximum maps to exactly 1.0), so no sigmoid is applied. float64 keeps distinct float32 scores
+    # distinct: it has 29 more mantissa bits, far more than any real score range needs.
+    scores = scores.double()
+    lo, hi = scores.min(), scores.max()
+    if hi == lo:
+        return torch.zeros_like(scores)
+    return (scores - lo) / (hi - lo)
+
+
+def image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Image-level area under the ROC curve of raw scores (N,) against 0/1 labels (N,)."""
+    scores, labels = _image_inputs(scores, labels)
+    return float(binary_auroc(_to_unit_interval(scores), labels.long(), validate_args=False))
+
+
+def image_f1_max(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Best F1 over all thresholds and the raw-score threshold reaching it (anomalous iff score >= threshold).
+
+    This is the F1-optimal threshold on the evaluated split, i.e. what anomalib's adaptive threshold reports.
+    """
+    scores, labels = _image_inputs(scores, labels)
+    unit = _to_unit_interval(scores)
+    precision, recall, thresholds = binary_precision_recall_curve(unit, labels.long(), validate_args=False)
+    # The last (precision=1, recall=0) point has no threshold; drop it.
+    precision, recall = precision[:-1].double(), recall[:-1].double()
+    f1 = torch.nan_to_num(2 * precision * recall / (precision + recall), nan=0.0)
+    best = int(torch.argmax(f1))  # first maximum = lowest threshold among equally good ones
+    # Map the [0, 1] threshold back to the smallest raw score at or above it (same order in both).
+    raw_sorted, order = torch.sort(scores)
+    threshold = raw_sorted[int(torch.searchsorted(unit[order], thresholds[best]))]
+    # Report F1 from exact counts at that threshold (torchmetrics' curve is float32).
+    predicted = scores >= threshold
+    tp = int((predicted & labels).sum())
+    return 2 * tp / (int(predicted.sum()) + int(labels.sum())), float(threshold)
+
+
+def _pixel_inputs(maps: torch.Tensor, masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Return maps as a float32/float64 numpy array (N, H, W) and masks as bool; check both classes."""
+    maps = torch.as_tensor(maps).detach().cpu()
+    masks = torch.as_tensor(masks).detach().cpu()
+    if maps.shape != masks.shape:
+        raise ValueError(f"anomaly maps {tuple(maps.shape)} and masks {tuple(masks.shape)} differ in shape")
+    if maps.ndim < 2:
+        raise ValueError(f"anomaly maps must be (N, H, W), got shape {tuple(maps.shape)}")
+    if maps.dtype not in (torch.float32, torch.float64):
+        maps = maps.double()  # float16/bfloat16/int -> exact in float64; numpy lacks bfloat16
+    masks = masks > 0.5 if masks.is_floating_point() else masks != 0
+    h, w = maps.shape[-2:]
+    maps, masks = maps.reshape(-1, h, w).numpy(), masks.reshape(-1, h, w).numpy()
+    if not np.isfinite(maps).all():
+        raise ADError("anomaly maps contain NaN or inf; the model produced invalid values, check its fit")
+    if not masks.any():
+        raise ADError("pixel metrics need masks with anomalous pixels; all masks are empty, check the mask files")
+    if masks.all():
+        raise ADError("pixel metrics need normal pixels; every mask pixel is anomalous, check masks aren't inverted")
+    return maps, masks
+
+
+def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> float:
+    """Pixel-level AUROC of raw anomaly maps (N, H, W) against ground-truth masks (N, H, W), over all pixels.
+
+    Computed as the Mann-Whitney U statistic, P(anomalous pixel > normal pixel) + P(tie) / 2, which equals
+    the trapezoidal ROC area with ties. It needs only value sorts, several times faster than torchmetrics'
+    argsort-and-gather (~2.5 s for 6.5 M pixels on 2 cores).
+    """
+    maps, masks = _pixel_inputs(maps, masks)
+    pos, neg = np.sort(maps[masks]), np.sort(maps[~masks])
+    if len(pos) <= len(neg):  # search the smaller set in the larger one
+        below = np.searchsorted(neg, pos, "left").sum() + np.searchsorted(neg, pos, "right").sum()
+        u = below / 2  # sum over positives of (#neg < p) + (#neg == p) / 2
+    else:
+        below = np.searchsorted(pos, neg, "left").sum() + np.searchsorted(pos, neg, "right").sum()
+        u = len(pos) * len(neg) - below / 2  # sum over negatives of (#pos > n) + (#pos == n) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def pixel_aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap (PRO) curve up to ``fpr_limit`` FPR, normalised to [0, 1].
+
+    Hand-written (torchmetrics has no AUPRO), following the MVTec AD paper and anomalib's ``aupro.py``:
+    ground-truth regions are the 8-connected components of each mask; for a threshold t, PRO(t) is the
+    mean over all regions of the fraction of the region's pixels scoring >= t, and FPR(t) the fraction of
+    all normal pixels (including every pixel of good images) scoring >= t. Equivalently, with each region
+    pixel weighted 1 / |region|, PRO(t) = (sum of weights >= t) / #regions. The curve visits every distinct
+    score (tied scores form one point), starts at (0, 0), is cut at ``fpr_limit`` by linear interpolation
+    and integrated with the trapezoid rule; the area is divided by ``fpr_limit``.
+
+    Instead of one argsort over all pixels, the normal pixels are only value-sorted and counted with
+    ``searchsorted`` at each distinct anomalous-pixel score: between those scores PRO is constant, so the
+    points skipped lie on horizontal segments and change neither the area nor the interpolated cut.
+    """
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    maps, masks = _pixel_inputs(maps, masks)
+    regions, n_regions = ndimage.label(masks, structure=_STRUCTURE)
+
+    neg = np.sort(maps[~masks])
+    pos, pos_region = maps[masks], regions[masks]
+    weight = 1.0 / np.bincount(pos_region)[pos_region]  # 1 / size of the pixel's region
+
+    # Anomalous pixels by descending score; the last pixel of each run of equal scores closes a point.
+    order = np.argsort(pos)[::-1]
+    pos = pos[order]
+    ends = np.append(np.flatnonzero(pos[1:] != pos[:-1]), len(pos) - 1)
+    t = pos[ends]  # distinct anomalous scores, descending
+    pro_ge = np.cumsum(weight[order])[ends] / n_regions  # PRO at threshold t (scores >= t)
+    pro_gt = np.concatenate([[0.0], pro_ge[:-1]])  # PRO just above t (scores > t)
+    fpr_ge = (len(neg) - np.searchsorted(neg, t, "left")) / len(neg)
+    fpr_gt = (len(neg) - np.searchsorted(neg, t, "right")) / len(neg)
+
+    # Curve: (0, 0), then for each t the point just above it and the point at it, then (1, PRO(min)).
+    fpr = np.concatenate([[0.0], np.stack([fpr_gt, fpr_ge], 1).ravel(), [1.0]])
+    pro = np.concatenate([[0.0], np.stack([pro_gt, pro_ge], 1).ravel(), [pro_ge[-1]]])
+
+    # Cut at fpr_limit: keep points with fpr <= limit and add one linearly interpolated end point.
+    k = int(np.searchsorted(fpr, fpr_limit, "right"))  # fpr[k - 1] <= limit < fpr[k]
+    if k < len(fpr):
+        frac = (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
+        fpr = np.append(fpr[:k], fpr_limit)
+        pro = np.append(pro[:k], pro[k - 1] + frac * (pro[k] - pro[k - 1]))
+    area = np.sum((fpr[1:] - fpr[:-1]) * (pro[1:] + pro[:-1]) / 2)
+    return float(area / fpr_limit)
+
+
+def compute_metrics(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    maps: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """All metrics as a flat dict; pixel metrics only when both ``maps`` and ``masks`` are given."""
+    f1, threshold = image_f1_max(scores, labels)
+    metrics = {"image_AUROC": image_auroc(scores, labels), "image_F1": f1, "image_F1_threshold": threshold}
+    if maps is not None and masks is not None:
+        metrics["pixel_AUROC"] = pixel_auroc(maps, masks)
+        metrics["pixel_AUPRO"] = pixel_aupro(maps, masks)
+    return metrics
