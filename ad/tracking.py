@@ -1,0 +1,428 @@
+"""Experiment tracking: a no-op tracker and an MLflow tracker behind one small interface.
+
+The run orchestrator only talks to :class:`Tracker`; ``conf/tracking/*.yaml`` picks the class.
+MLflow is imported lazily so that ``tracking=none`` works without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ad import __version__
+from ad.errors import ADError
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
+
+__all__ = ["MLflowTracker", "NullTracker", "Tracker", "flatten_config", "resolve_tracking_uri"]
+
+log = logging.getLogger(__name__)
+
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+TRUNCATION_MARKER = "...[truncated]"
+ERROR_TAG_LENGTH = 5000  # MLflow allows 8000; the head of a message is what people read
+LOCK_TIMEOUT_S = 600.0
+# Packages pinned in a logged model's requirements when installed (torch and cloudpickle come
+# from MLflow); an explicit list skips MLflow's slow requirement inference.
+MODEL_REQUIREMENTS = ("numpy", "timm", "faiss-cpu", "faiss-gpu")
+
+
+class Tracker:
+    """No-op tracker: the interface the run orchestrator calls, and the behaviour of ``tracking=none``."""
+
+    run_id: str | None = None
+    num_images: int = 0  # how many anomaly-map panels the orchestrator should render and log
+
+    def start(self, cfg: DictConfig, run_dir: Path, run_name: str, tags: dict[str, str]) -> None:
+        """Open a run for one job."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Attach string tags to the run (e.g. ``ad.weights``)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record scalar results."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Store a file (or a folder) with the run."""
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        """Store a uint8 HxWx3 image under ``name`` (e.g. ``anomaly_maps/000_good.png``)."""
+
+    def log_model(self, model: torch.nn.Module, name: str = "model") -> None:
+        """Store the fitted model."""
+
+    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """Close the run; never raises and may be called repeatedly."""
+
+
+class NullTracker(Tracker):
+    """Tracker that records nothing (``tracking=none``); needs no MLflow."""
+
+
+def truncate(text: str, limit: int) -> str:
+    """Cut ``text`` to ``limit`` characters, ending with a visible marker when cut."""
+    if len(text) <= limit:
+        return text
+    return text[: max(0, limit - len(TRUNCATION_MARKER))] + TRUNCATION_MARKER
+
+
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to dotted keys (``model.n_features``) so params mirror overrides."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_container(cfg: DictConfig) -> dict[str, Any]:
+    """Return the config as plain data without the ``hydra`` node, resolved where it resolves."""
+    from omegaconf import OmegaConf
+
+    out: dict[str, Any] = {}
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        try:
+            value = cfg[key]
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except Exception as exc:  # an interpolation that only resolves inside a Hydra job
+            log.warning("Logging config key %r unresolved: %s", key, exc)
+            out[key] = OmegaConf.to_container(cfg, resolve=False)[key]
+    return out
+
+
+def hydra_choices(cfg: DictConfig) -> dict[str, Any]:
+    """Return the chosen config-group options (``{"model": "padim"}``), from cfg or the live Hydra job."""
+    choices = None
+    try:
+        if "hydra" in cfg:
+            choices = cfg.hydra.runtime.choices
+        else:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized():
+                choices = HydraConfig.get().runtime.choices
+    except Exception:  # no Hydra, or a partial hydra node
+        return {}
+    if not choices:
+        return {}
+    return {k: v for k, v in dict(choices).items() if not str(k).startswith("hydra/")}
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Return the URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    Relative SQLite paths are made absolute so the store does not move with the working directory.
+    """
+    import os
+
+    key = "tracking.uri"
+    if uri is None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+        key = "MLFLOW_TRACKING_URI"
+    if uri is None:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    uri = str(uri).strip()
+    check_uri(uri, key)
+    db = sqlite_path(uri)
+    if db is not None:
+        return f"sqlite:///{db}"
+    return uri
+
+
+def check_uri(uri: str, key: str = "tracking.uri") -> None:
+    """Reject plain paths and ``file:`` stores, which MLflow 3 no longer accepts as tracking stores."""
+    if uri.startswith("databricks") or uri == "uc":
+        return
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if len(scheme) <= 1 or scheme == "file":  # no scheme, or a Windows drive letter
+        raise ADError(
+            f"{key}={uri!r} is a folder, which MLflow 3 no longer accepts as a tracking store: "
+            f"use {key}=sqlite:///path/to/mlflow.db (a local file) or http://host:port (a server)"
+        )
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """Return the absolute database file of a ``sqlite:///`` URI, or None for other URIs."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = uri[len("sqlite:///") :].split("?", 1)[0]
+    if not raw or raw == ":memory:":
+        return None
+    return Path(raw).expanduser().resolve()
+
+
+def quiet_mlflow_logs() -> None:
+    """Lower MLflow's and Alembic's INFO chatter (migrations, run URLs) to warnings only."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def pinned_requirements() -> list[str]:
+    """Return explicit pip requirements for a logged model, so MLflow skips its slow inference."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mlflow.pytorch
+
+    reqs = list(mlflow.pytorch.get_default_pip_requirements())
+    for package in MODEL_REQUIREMENTS:
+        try:
+            reqs.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+class MLflowTracker(Tracker):
+    """Tracker writing params, metrics, images, config and model of one job to an MLflow run.
+
+    Args:
+        uri: tracking URI; None uses ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``.
+        experiment: MLflow experiment name, created on first use.
+        log_model: whether :meth:`log_model` stores the model (large for memory-bank methods).
+        num_images: how many anomaly-map panels the orchestrator should log.
+    """
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        experiment: str = "ad",
+        log_model: bool = True,
+        num_images: int = 8,
+    ) -> None:
+        if uri is not None:
+            check_uri(str(uri).strip())
+        if not experiment:
+            raise ADError("tracking.experiment is empty: give the MLflow experiment a name")
+        self.uri = uri
+        self.experiment = str(experiment)
+        self.save_model = bool(log_model)  # not `self.log_model`: that would hide the method
+        self.num_images = int(num_images)
+        self.run_id: str | None = None
+        self._uri: str | None = None  # resolved at start()
+
+    # -- run lifecycle -------------------------------------------------------------------------
+
+    def start(self, cfg: DictConfig, run_dir: Path, run_name: str, tags: dict[str, str]) -> None:
+        """Open an MLflow run and log the config (params, YAML) and Hydra's ``.hydra`` folder."""
+        import mlflow
+
+        quiet_mlflow_logs()
+        if self.run_id is not None:
+            self.end("FAILED", error="a new run was started before this one ended")
+        self._uri = resolve_tracking_uri(self.uri)
+        experiment_id = self._experiment_id()
+        mlflow.set_tracking_uri(self._uri)
+        run_tags = {**{str(k): str(v) for k, v in (tags or {}).items()}, "ad.version": __version__}
+        run_tags.setdefault("ad.run_dir", str(Path(run_dir).resolve()))
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags=run_tags,
+            nested=mlflow.active_run() is not None,  # e.g. under a sweep's parent run
+        )
+        self.run_id = run.info.run_id
+        try:
+            self._log_config(cfg)
+            hydra_dir = Path(run_dir) / ".hydra"
+            if hydra_dir.is_dir():
+                self._client().log_artifacts(self.run_id, str(hydra_dir), "hydra")
+        except BaseException as exc:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            self.end(status, error=f"tracker start failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """Terminate the run with ``status`` (FINISHED, FAILED or KILLED) and an ``error`` tag."""
+        run_id, self.run_id = self.run_id, None
+        if run_id is None:
+            return
+        if status not in RUN_STATUSES:
+            log.warning("Unknown run status %r: ending the MLflow run as FAILED", status)
+            status = "FAILED"
+        try:
+            import mlflow
+
+            client = self._client()
+            if error:
+                client.set_tag(run_id, "error", truncate(str(error), ERROR_TAG_LENGTH))
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                if mlflow.get_tracking_uri() != self._uri:
+                    mlflow.set_tracking_uri(self._uri)
+                mlflow.end_run(status)  # pops the fluent run stack too
+            else:
+                client.set_terminated(run_id, status)
+        except Exception as exc:  # end() runs on failure paths: report, never raise
+            log.warning("Could not end MLflow run %s as %s: %s", run_id, status, exc)
+            self._force_terminate(run_id, status)
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags; values are stringified and cut to MLflow's length limit."""
+        from mlflow.entities import RunTag
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+        run_id = self._require_run()
+        batch = [RunTag(str(k), truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        for chunk in chunks(batch, max_batch()):
+            self._client().log_batch(run_id, tags=chunk)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log scalar metrics in one batch."""
+        from mlflow.entities import Metric
+
+        run_id = self._require_run()
+        now = int(time.time() * 1000)
+        batch = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()]
+        for chunk in chunks(batch, max_batch()):
+            self._client().log_batch(run_id, metrics=chunk)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file, or a folder's contents, under ``artifact_path``."""
+        run_id = self._require_run()
+        path = Path(path)
+        if path.is_dir():
+            self._client().log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self._client().log_artifact(run_id, str(path), artifact_path)
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        """Upload a uint8 HxWx3 image as ``name`` (a path inside the run's artifacts)."""
+        run_id = self._require_run()
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"log_image expects uint8 HxWx3, got {image.dtype} {image.shape}")
+        self._client().log_image(run_id, image, artifact_file=name)
+
+    def log_model(self, model: torch.nn.Module, name: str = "model") -> None:
+        """Log the model as an MLflow ``pytorch`` model (pickled) if ``log_model`` is enabled.
+
+        Pickle keeps custom classes and non-tensor state; loading it back needs the ``ad``
+        package importable and ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``.
+        """
+        if not self.save_model:
+            return
+        import mlflow.pytorch
+
+        run_id = self._require_run()
+        pytorch_log = logging.getLogger("mlflow.pytorch")
+        level = pytorch_log.level
+        pytorch_log.setLevel(logging.ERROR)  # drop the per-call "pickle needs caution" warning
+        try:
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                pip_requirements=pinned_requirements(),
+                serialization_format="pickle",
+                run_id=run_id,
+            )
+        finally:
+            pytorch_log.setLevel(level)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _client(self):
+        """Return a client bound to this tracker's store (not to MLflow's global URI)."""
+        from mlflow import MlflowClient
+
+        return MlflowClient(self._uri)
+
+    def _require_run(self) -> str:
+        """Return the active run id, or raise if :meth:`start` was not called."""
+        if self.run_id is None:
+            raise RuntimeError("MLflowTracker: call start() before logging")
+        return self.run_id
+
+    def _experiment_id(self) -> str:
+        """Find or create the experiment; for SQLite under a file lock, with artifacts beside the DB."""
+        db = sqlite_path(self._uri)
+        if db is None:
+            return self._get_or_create_experiment(artifact_location=None)
+        from filelock import FileLock, Timeout
+
+        db.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the first process to touch a new DB migrates it; others must wait for that
+            with FileLock(f"{db}.lock", timeout=LOCK_TIMEOUT_S):
+                return self._get_or_create_experiment((db.parent / "mlartifacts").as_uri())
+        except Timeout:
+            raise ADError(
+                f"tracking.uri={self._uri!r}: waited {LOCK_TIMEOUT_S:.0f} s for {db}.lock; "
+                "remove it if no other ad job is running"
+            ) from None
+
+    def _get_or_create_experiment(self, artifact_location: str | None) -> str:
+        """Return the id of ``self.experiment``, creating it (tolerating a concurrent creator)."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._client()
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            try:
+                return client.create_experiment(self.experiment, artifact_location=artifact_location)
+            except MlflowException:  # created meanwhile by another job
+                experiment = client.get_experiment_by_name(self.experiment)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise ADError(
+                f"tracking.experiment={self.experiment!r} is deleted in {self._uri}: restore it "
+                f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
+                "or choose another name"
+            )
+        return experiment.experiment_id
+
+    def _log_config(self, cfg: DictConfig) -> None:
+        """Log the resolved config as dotted params, choices as ``choice.*``, and as YAML."""
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
+        from omegaconf import OmegaConf
+
+        container = config_container(cfg)
+        params = flatten_config(container)
+        params.update({f"choice.{k}": v for k, v in hydra_choices(cfg).items()})
+        batch = []
+        for key, value in params.items():
+            if len(key) > MAX_ENTITY_KEY_LENGTH:
+                log.warning("Config key too long for an MLflow param, not logged: %s", key)
+                continue
+            batch.append(Param(key, truncate(str(value), MAX_PARAM_VAL_LENGTH)))
+        client = self._client()
+        for chunk in chunks(batch, max_batch()):
+            client.log_batch(self.run_id, params=chunk)
+        client.log_text(self.run_id, OmegaConf.to_yaml(container), "config/config.yaml")
+
+    def _force_terminate(self, run_id: str, status: str) -> None:
+        """Last resort for :meth:`end`: drop the run from MLflow's stack and mark it terminated."""
+        try:
+            import mlflow
+
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                mlflow.tracking.fluent._active_run_stack.get().pop()
+            self._client().set_terminated(run_id, status)
+        except Exception as exc:
+            log.warning("MLflow run %s may be left RUNNING: %s", run_id, exc)
+
+
+def max_batch() -> int:
+    """Return MLflow's limit on params/metrics per batch call."""
+    from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+
+    return MAX_PARAMS_TAGS_PER_BATCH
+
+
+def chunks(items: list, size: int) -> list[list]:
+    """Split ``items`` into consecutive lists of at most ``size``."""
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,312 @@
+"""Tests for ad.tracking against a throwaway SQLite MLflow store per test."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import ad
+from ad.errors import ADError
+from ad.tracking import MLflowTracker, NullTracker, Tracker, resolve_tracking_uri
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TinyNet(torch.nn.Module):
+    """Smallest model worth logging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """Create and migrate one SQLite MLflow DB per session (Alembic takes seconds per new DB)."""
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def tracking_uri(migrated_db, tmp_path) -> str:
+    """Return the URI of a fresh copy of the migrated DB."""
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(tmp_path, monkeypatch):
+    """Run in tmp_path with no inherited tracking URI; fail if a test leaks an active run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    yield
+    leaked = mlflow.active_run()
+    while mlflow.active_run():
+        mlflow.end_run("KILLED")
+    mlflow.set_tracking_uri(None)
+    assert leaked is None, "test left an MLflow run active"
+
+
+def make_cfg(with_hydra: bool = True):
+    """A composed-looking config: nested groups, an interpolation, a list, a huge value, 120+ keys."""
+    cfg = {
+        "seed": 0,
+        "model": {"_target_": "ad.models.padim.Padim", "n_features": 100, "layers": [1, 2]},
+        "dataset": {"category": "bottle", "image_size": 256, "crop": "${dataset.image_size}"},
+        "notes": "x" * 7000,
+        "many": {f"k{i:03d}": i for i in range(120)},
+    }
+    if with_hydra:
+        cfg["hydra"] = {"runtime": {"choices": {"model": "padim", "dataset": "mvtec",
+                                                "hydra/launcher": "basic"}},
+                        "run": {"dir": "${now:%Y}"}}
+    return OmegaConf.create(cfg)
+
+
+def started(uri: str, tmp_path: Path, **kwargs) -> MLflowTracker:
+    """Return a tracker with a run started on ``make_cfg()``."""
+    tracker = MLflowTracker(uri=uri, **kwargs)
+    tracker.start(make_cfg(), tmp_path / "run", "padim-bottle", {"ad.model": "padim"})
+    return tracker
+
+
+def test_start_logs_params_tags_config_and_hydra_dir(tracking_uri, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- model=padim\n")
+    tracker = MLflowTracker(uri=tracking_uri, experiment="exp1")
+    tracker.start(make_cfg(), run_dir, "padim-bottle", {"ad.model": "padim"})
+    run_id = tracker.run_id
+    tracker.end()
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["model.n_features"] == "100" and params["model.layers"] == "[1, 2]"
+    assert params["dataset.crop"] == "256"  # resolved
+    assert params["choice.model"] == "padim" and params["choice.dataset"] == "mvtec"
+    assert not any(k.startswith(("hydra.", "choice.hydra")) for k in params)
+    assert len([k for k in params if k.startswith("many.")]) == 120  # > one 100-param batch
+    assert len(params["notes"]) == 6000 and params["notes"].endswith("[truncated]")
+    assert tags["ad.model"] == "padim" and tags["ad.version"] == ad.__version__
+    assert tags["mlflow.runName"] == "padim-bottle"
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run_id, "config")] == ["config/config.yaml"]
+    assert [a.path for a in client.list_artifacts(run_id, "hydra")] == ["hydra/overrides.yaml"]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "exp1"
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    config_yaml = Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="config/config.yaml", tracking_uri=tracking_uri))
+    logged = OmegaConf.load(config_yaml)
+    assert "hydra" not in logged and logged.dataset.crop == 256
+
+
+def test_config_without_hydra_node(tracking_uri, tmp_path):
+    """Outside a Hydra job, choices are absent and ``${hydra:...}`` stays unresolved (not a crash)."""
+    cfg = make_cfg(with_hydra=False)
+    cfg.paths = {"out": "${hydra:runtime.output_dir}"}
+    tracker = MLflowTracker(uri=tracking_uri)
+    tracker.start(cfg, tmp_path, "r", {})
+    run_id = tracker.run_id
+    tracker.end()
+    params = MlflowClient(tracking_uri).get_run(run_id).data.params
+    assert params["seed"] == "0" and not any(k.startswith("choice.") for k in params)
+    assert params["paths.out"] == "${hydra:runtime.output_dir}"
+
+
+def test_metrics_and_images(tracking_uri, tmp_path):
+    tracker = started(tracking_uri, tmp_path)
+    tracker.log_metrics({"image_AUROC": 0.975, "pixel_AUROC": np.float32(0.9)})
+    tracker.log_metrics({"loss": 1.5}, step=3)
+    tracker.set_tags({"ad.weights": "imagenet", "n": 3})
+    panel = np.zeros((16, 36, 3), dtype=np.uint8)
+    tracker.log_image(panel, "anomaly_maps/000_broken_large.png")
+    tracker.log_image(panel, "anomaly_maps/001_good.png")
+    report = tmp_path / "report.txt"
+    report.write_text("ok")
+    tracker.log_artifact(report, "reports")
+    run_id = tracker.run_id
+    tracker.end()
+    client = MlflowClient(tracking_uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["image_AUROC"] == pytest.approx(0.975) and "pixel_AUROC" in metrics
+    assert client.get_metric_history(run_id, "loss")[0].step == 3
+    tags = client.get_run(run_id).data.tags
+    assert tags["ad.weights"] == "imagenet" and tags["n"] == "3"
+    names = [a.path for a in client.list_artifacts(run_id, "anomaly_maps")]
+    assert names == ["anomaly_maps/000_broken_large.png", "anomaly_maps/001_good.png"]
+    assert [a.path for a in client.list_artifacts(run_id, "reports")] == ["reports/report.txt"]
+
+
+def test_log_image_rejects_non_uint8(tracking_uri, tmp_path):
+    tracker = started(tracking_uri, tmp_path)
+    with pytest.raises(ValueError, match="uint8"):
+        tracker.log_image(np.zeros((4, 4, 3)), "anomaly_maps/x.png")
+    tracker.end()
+
+
+def test_end_failed_sets_status_and_error_and_is_idempotent(tracking_uri, tmp_path):
+    tracker = started(tracking_uri, tmp_path)
+    run_id = tracker.run_id
+    tracker.end("FAILED", error="CUDA out of memory " * 1000)
+    tracker.end("FAILED", error="second call")
+    tracker.end()
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.info.end_time is not None
+    assert run.data.tags["error"].startswith("CUDA out of memory")
+    assert run.data.tags["error"].endswith("[truncated]") and len(run.data.tags["error"]) <= 5000
+    assert tracker.run_id is None and mlflow.active_run() is None
+
+
+def test_end_without_start_is_safe(tracking_uri):
+    MLflowTracker(uri=tracking_uri).end("FAILED", error="never started")
+    MLflowTracker(uri=tracking_uri).end()
+
+
+def test_start_failing_half_way_leaves_no_running_run(tracking_uri, tmp_path, monkeypatch):
+    def broken(self, cfg):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(MLflowTracker, "_log_config", broken)
+    tracker = MLflowTracker(uri=tracking_uri)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tracker.start(make_cfg(), tmp_path, "r", {})
+    assert tracker.run_id is None and mlflow.active_run() is None
+    tracker.end("FAILED", error="orchestrator ends it again")  # still safe
+    runs = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name("ad").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "disk full" in runs[0].data.tags["error"]
+
+
+def test_two_runs_in_one_process(tracking_uri, tmp_path):
+    first = started(tracking_uri, tmp_path)
+    first.end()
+    second = started(tracking_uri, tmp_path)
+    second.end("KILLED")
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("ad")
+    statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id]))
+    assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_run_nests_under_an_active_parent_run(tracking_uri, tmp_path):
+    mlflow.set_tracking_uri(tracking_uri)
+    parent = mlflow.start_run(run_name="sweep")
+    tracker = started(tracking_uri, tmp_path)
+    child_id = tracker.run_id
+    tracker.end()
+    assert mlflow.active_run().info.run_id == parent.info.run_id  # parent still open
+    mlflow.end_run()
+    tags = MlflowClient(tracking_uri).get_run(child_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_deleted_experiment_is_a_user_error(tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    with pytest.raises(ADError, match="tracking.experiment='gone'.*restore"):
+        MLflowTracker(uri=tracking_uri, experiment="gone").start(make_cfg(), tmp_path, "r", {})
+
+
+def test_log_model_round_trips(tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    tracker = started(tracking_uri, tmp_path)
+    model = TinyNet().eval()
+    tracker.log_model(model)
+    run_id = tracker.run_id
+    tracker.end()
+    outputs = MlflowClient(tracking_uri).get_run(run_id).outputs.model_outputs
+    assert len(outputs) == 1
+    mlflow.set_tracking_uri(tracking_uri)
+    loaded = mlflow.pytorch.load_model(f"models:/{outputs[0].model_id}")
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_log_model_disabled(tracking_uri, tmp_path):
+    tracker = started(tracking_uri, tmp_path, log_model=False)
+    tracker.log_model(TinyNet())
+    run_id = tracker.run_id
+    tracker.end()
+    assert not MlflowClient(tracking_uri).get_run(run_id).outputs.model_outputs
+
+
+BARE_PATHS = ["./mlruns", "mlruns", "/tmp/mlruns", "file:///tmp/mlruns", "C:\\mlruns"]
+
+
+@pytest.mark.parametrize("uri", BARE_PATHS)
+def test_bare_path_uri_is_a_user_error(uri):
+    with pytest.raises(ADError, match=r"tracking\.uri=.*sqlite:///.*http://"):
+        MLflowTracker(uri=uri)
+
+
+def test_bare_path_in_environment_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    with pytest.raises(ADError, match="MLFLOW_TRACKING_URI"):
+        MLflowTracker().start(make_cfg(), tmp_path, "r", {})
+
+
+def test_default_uri_resolution(monkeypatch, tmp_path):
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path.resolve()}/sub/m.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracker:5000")
+    assert resolve_tracking_uri(None) == "http://tracker:5000"
+
+
+def test_new_db_and_folder_are_created(tmp_path):
+    uri = f"sqlite:///{tmp_path}/nested/dir/mlflow.db"
+    tracker = MLflowTracker(uri=uri)
+    tracker.start(make_cfg(), tmp_path, "r", {})
+    tracker.end()
+    assert (tmp_path / "nested/dir/mlflow.db").is_file()
+    assert (tmp_path / "nested/dir/mlartifacts").is_dir()
+
+
+def test_null_tracker_does_nothing(tmp_path):
+    tracker = NullTracker()
+    assert isinstance(tracker, Tracker) and tracker.run_id is None
+    tracker.start(make_cfg(), tmp_path, "r", {"a": "b"})
+    tracker.log_metrics({"image_AUROC": 1.0})
+    tracker.set_tags({"ad.weights": "random"})
+    tracker.log_image(np.zeros((2, 2, 3), np.uint8), "anomaly_maps/0.png")
+    tracker.log_artifact(tmp_path)
+    tracker.log_model(TinyNet())
+    tracker.end("FAILED", error="x")
+    tracker.end()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_null_tracker_needs_no_mlflow():
+    code = (
+        "import sys; sys.modules['mlflow'] = None\n"
+        "from pathlib import Path\n"
+        "from ad.tracking import NullTracker\n"
+        "t = NullTracker(); t.start({}, Path('.'), 'r', {}); t.log_metrics({'a': 1.0}); t.end()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_tracking_configs_instantiate():
+    from hydra.utils import instantiate
+
+    null = instantiate(OmegaConf.load(REPO / "conf/tracking/none.yaml"))
+    assert type(null) is NullTracker
+    tracker = instantiate(OmegaConf.load(REPO / "conf/tracking/mlflow.yaml"))
+    assert isinstance(tracker, MLflowTracker)
+    assert tracker.uri is None and tracker.experiment == "ad"
+    assert tracker.save_model is True and tracker.num_images == 8 and tracker.run_id is None
