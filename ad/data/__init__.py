@@ -1,0 +1,34 @@
+"""Datasets for anomaly detection: MVTec AD layout, plain folders, and a built-in synthetic one."""
+
+from ad.data.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AnomalyDataset,
+    ImageDataset,
+    Sample,
+    denormalize,
+    normalize,
+)
+from ad.data.folder import Folder
+from ad.data.io import IMAGE_EXTENSIONS, read_image, read_mask
+from ad.data.mvtec import MVTecAD
+from ad.data.synthetic import TEXTURES, Synthetic, default_cache_dir, make_mvtec_layout
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "TEXTURES",
+    "AnomalyDataset",
+    "Folder",
+    "ImageDataset",
+    "MVTecAD",
+    "Sample",
+    "Synthetic",
+    "default_cache_dir",
+    "denormalize",
+    "make_mvtec_layout",
+    "normalize",
+    "read_image",
+    "read_mask",
+]

@@ -1,0 +1,206 @@
+"""One experiment, start to finish: dataset -> fit -> score -> metrics -> metrics.json + tracking.
+
+``run(cfg, run_dir)`` is a plain function of the composed config, so tests and other entry points
+call it without Hydra's command line. Results are written only once everything succeeded; a
+failure marks the tracking run FAILED (never left RUNNING) and re-raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import ad
+from ad.backbone import resolve_precision
+from ad.data import denormalize
+from ad.errors import ADError
+from ad.metrics import compute_metrics
+from ad.models import AnomalyModel
+from ad.visualize import overlay_panel, pick_examples
+
+log = logging.getLogger(__name__)
+
+#: Metric columns of the published tables, in display order.
+METRIC_KEYS = ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO")
+
+
+@dataclass
+class TestOutputs:
+    """Everything scored on the test split, on the CPU, in dataset order."""
+
+    scores: torch.Tensor
+    labels: torch.Tensor
+    maps: torch.Tensor | None
+    masks: torch.Tensor | None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means the GPU when there is one; asking for a missing GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ADError(f"trainer.device: '{name}' is not one of auto, cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ADError("trainer.device: cuda was requested but no CUDA GPU is available; use trainer.device=auto")
+    return torch.device(name)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, trainer: DictConfig, device: torch.device) -> DataLoader:
+    """Ordered loader (no shuffling: frozen-feature methods don't need it and runs stay repeatable)."""
+    workers = int(trainer.num_workers)
+    return DataLoader(
+        dataset, batch_size=int(trainer.batch_size), shuffle=False, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+
+
+def progress(loader: DataLoader, desc: str) -> tqdm:
+    """A progress bar over batches, shown only on an interactive terminal."""
+    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
+
+
+@torch.inference_mode()
+def score(model: AnomalyModel, loader: DataLoader, device: torch.device, keep_maps: bool) -> TestOutputs:
+    """Score every test image; maps and masks are kept only when pixel metrics will use them."""
+    scores, labels, maps, masks = [], [], [], []
+    for batch in progress(loader, "test"):
+        prediction = model(batch["image"].to(device, non_blocking=True))
+        scores.append(prediction.scores.float().cpu())
+        labels.append(batch["label"])
+        if keep_maps:
+            maps.append(prediction.maps.float().cpu())
+            masks.append(batch["mask"].bool())
+    return TestOutputs(
+        scores=torch.cat(scores), labels=torch.cat(labels),
+        maps=torch.cat(maps) if keep_maps else None, masks=torch.cat(masks) if keep_maps else None,
+    )
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically (temp file + rename): a reader never sees a half-written file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def format_table(results: dict) -> str:
+    """The small human-readable summary printed at the end of a run."""
+    title = (f"{results['model']} · {results['backbone']} (weights: {results['weights']}) · "
+             f"{results['dataset']}/{results['category']}")
+    rows = [f"  {key:<12} {results[key]:.4f}" if key in results else f"  {key:<12} —" for key in METRIC_KEYS]
+    timing = f"  fit {results['fit_s']:.2f} s · test {results['test_s']:.2f} s · {results['device']}"
+    return "\n".join([title, *rows, timing])
+
+
+def log_examples(tracker, model: AnomalyModel, dataset, outputs: TestOutputs, count: int) -> None:
+    """Overlay panels (image | heat map with ground-truth outline) for a sample of test images."""
+    if outputs.maps is None or count <= 0:
+        return
+    labels, scores = outputs.labels.numpy(), outputs.scores.numpy()
+    vmin, vmax = float(outputs.maps.min()), float(outputs.maps.max())
+    test_set = dataset.test_set()
+    for i in pick_examples(labels, scores, count):
+        sample = dataset.test[int(i)]
+        image = denormalize(test_set[int(i)]["image"].unsqueeze(0))[0]
+        mask = outputs.masks[i].numpy() if dataset.has_masks else None
+        title = f"{sample.defect} · score {scores[i]:.3g}"
+        panel = overlay_panel(image, outputs.maps[i].numpy(), mask, vmin, vmax, title=title)
+        tracker.log_image(panel, f"anomaly_maps/{int(i):03d}_{sample.defect}_{Path(sample.image).stem}.png")
+
+
+def build(node: DictConfig, key: str, **kwargs):
+    """Instantiate a config node; our own errors come out unwrapped, unknown settings name their key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ADError):
+            raise cause from None
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            bad = str(cause).rsplit("'", 2)[-2]
+            raise ADError(f"{key}.{bad}: unknown setting for {node._target_}; check the spelling") from None
+        raise
+
+
+def choice_names(cfg: DictConfig) -> dict[str, str]:
+    """Config-group option names (padim, mvtec...) from Hydra, or from the class names without it."""
+    if HydraConfig.initialized():
+        return dict(HydraConfig.get().runtime.choices)
+    return {group: cfg[group]._target_.rsplit(".", 1)[-1].lower() for group in ("model", "dataset")}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Fit and evaluate one model on one dataset; return the results also written to metrics.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(int(cfg.seed))
+    choices = choice_names(cfg)
+    model_name, dataset_name = choices["model"], choices["dataset"]
+    category = str(cfg.dataset.get("category", dataset_name))
+    tracker = build(cfg.tracking, "tracking")
+    tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
+            "ad.category": category}
+    tracker.start(cfg, run_dir, run_name=f"{model_name}-{dataset_name}-{category}", tags=tags)
+    try:
+        device = resolve_device(cfg.trainer.device)
+        dtype = resolve_precision(cfg.trainer.precision, device)
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        dataset = build(cfg.dataset, "dataset")
+        backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
+                    "channels_last": bool(cfg.trainer.channels_last)}
+        model: AnomalyModel = build(cfg.model, "model", backbone=backbone, _convert_="all").to(device)
+        log.info("%s on %s/%s: %d train, %d test images, %s, %s", model_name, dataset_name, category,
+                 len(dataset.train), len(dataset.test), device, precision)
+
+        start = time.perf_counter()
+        model.fit(progress(make_loader(dataset.train_set(), cfg.trainer, device), "fit"), device)
+        fit_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        keep_maps = model.produces_maps and dataset.has_masks
+        outputs = score(model, make_loader(dataset.test_set(), cfg.trainer, device), device, keep_maps)
+        metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
+        test_s = time.perf_counter() - start
+
+        results = {
+            **metrics, "fit_s": round(fit_s, 3), "test_s": round(test_s, 3), "weights": model.weights_source,
+            "model": model_name, "backbone": cfg.backbone.name, "weights_tag": cfg.backbone.get("tag"),
+            "dataset": dataset_name, "category": category, "image_size": dataset.image_size,
+            "n_train": len(dataset.train), "n_test": len(dataset.test), "device": str(device),
+            "precision": precision, "seed": int(cfg.seed), "ad_version": ad.__version__,
+        }
+        write_json(run_dir / "metrics.json", results)
+        tracker.set_tags({"ad.weights": model.weights_source})
+        tracker.log_metrics({k: float(v) for k, v in results.items() if k in metrics or k.endswith("_s")})
+        tracker.log_artifact(run_dir / "metrics.json")
+        log_examples(tracker, model, dataset, outputs, getattr(tracker, "num_images", 0))
+        tracker.log_model(model.cpu())
+    except KeyboardInterrupt:
+        tracker.end("KILLED", error="interrupted (Ctrl-C)")
+        raise
+    except BaseException as exc:
+        tracker.end("FAILED", error=f"{type(exc).__name__}: {exc}")
+        raise
+    tracker.end("FINISHED")
+    print(format_table(results), flush=True)
+    return results

@@ -1,0 +1,142 @@
+"""End to end: the command line, a whole run per dataset format, and every bad-input path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from ad.data.synthetic import make_mvtec_layout
+from ad.errors import ADError
+from ad.launch import CONF_DIR
+from ad.run import run
+
+TINY = ["dataset.image_size=64", "trainer.batch_size=8", "backbone.weights=random"]
+TINY_SYNTHETIC = ["dataset.n_train=12", "dataset.n_test_good=6", "dataset.n_test_defect=6"]
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*TINY, *overrides])
+
+
+def launch(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ad.launch", *overrides], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def only_run(uri: str):
+    client = MlflowClient(uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec")
+    make_mvtec_layout(root, "widget", n_train=10, n_test_good=5, n_test_defect=5, image_size=64, seed=0)
+    return root
+
+
+def test_default_command_runs_end_to_end_and_tracks(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = launch(tmp_path, "dataset.image_size=64", *TINY_SYNTHETIC, f"hydra.run.dir={tmp_path}/run",
+                    f"tracking.uri={uri}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO", "fit_s", "test_s"):
+        assert isinstance(metrics[key], float)
+    assert metrics["weights"] in ("imagenet", "random")
+    assert "image_AUROC" in result.stdout  # the results table
+    client, mlflow_run = only_run(uri)
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.metrics["image_AUROC"] == pytest.approx(metrics["image_AUROC"])
+    assert mlflow_run.data.params["model.n_features"] == "None"
+    assert mlflow_run.data.tags["ad.weights"] == metrics["weights"]
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"metrics.json", "anomaly_maps", "config"} <= artifacts
+    assert client.list_artifacts(mlflow_run.info.run_id, "anomaly_maps")
+
+
+def test_padim_separates_synthetic_defects(tmp_path):
+    results = run(make_cfg("tracking=none", *TINY_SYNTHETIC), tmp_path)
+    assert results["image_AUROC"] > 0.8 and results["pixel_AUROC"] > 0.8
+
+
+def test_mvtec_layout_gives_image_and_pixel_metrics(tmp_path, mvtec_root):
+    cfg = make_cfg("dataset=mvtec", f"dataset.root={mvtec_root}", "dataset.category=widget", "tracking=none")
+    results = run(cfg, tmp_path)
+    assert results["n_train"] == 10 and results["n_test"] == 10
+    assert {"image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO"} <= results.keys()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == results
+
+
+def test_folder_without_masks_skips_pixel_metrics(tmp_path, mvtec_root):
+    category = mvtec_root / "widget"
+    defect = next(p for p in (category / "test").iterdir() if p.name != "good")
+    cfg = make_cfg("dataset=folder", f"dataset.normal_dir={category / 'train' / 'good'}",
+                   f"dataset.abnormal_dir={defect}", "tracking=none")
+    results = run(cfg, tmp_path)
+    assert "image_AUROC" in results
+    assert "pixel_AUROC" not in results and "pixel_AUPRO" not in results
+
+
+def test_config_typo_is_one_line_with_a_suggestion(tmp_path):
+    result = launch(tmp_path, "dataset.categroy=bottle")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "dataset.categroy" in result.stderr and "dataset.category" in result.stderr
+
+
+def test_unknown_option_lists_the_available_ones(tmp_path):
+    result = launch(tmp_path, "model=padm")
+    assert result.returncode == 2 and "padim" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_missing_root_fails_cleanly_and_marks_the_run_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = launch(tmp_path, "dataset=mvtec", f"dataset.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run",
+                    f"tracking.uri={uri}", "backbone.weights=random")
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "dataset.root" in error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    _, mlflow_run = only_run(uri)
+    assert mlflow_run.info.status == "FAILED" and "dataset.root" in mlflow_run.data.tags["error"]
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["dataset.category=nothing_like_this"], "dataset.category"),
+    (["trainer.device=tpu"], "trainer.device"),
+    (["trainer.precision=fp8"], "trainer.precision"),
+    (["backbone.weights=/no/such/file.pth"], "backbone.weights"),
+    (["backbone.name=resnet50"], "model.n_features"),
+])
+def test_bad_settings_name_their_key(tmp_path, overrides, key):
+    with pytest.raises(ADError, match=key):
+        run(make_cfg("tracking=none", *overrides), tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_corrupt_image_fails_the_run_naming_the_file(tmp_path, mvtec_root):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(mvtec_root, root)
+    victim = sorted((root / "widget" / "test" / "good").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated PNG
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = make_cfg("dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", f"tracking.uri={uri}")
+    with pytest.raises(ADError, match=victim.name):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert only_run(uri)[1].info.status == "FAILED"
