@@ -78,9 +78,9 @@ class Padim(AnomalyModel):
                 shift = x.mean(0)
                 s1 = torch.zeros_like(shift)
                 s2 = x.new_zeros(shift.shape + shift.shape[-1:])
-            d = x - shift
-            s1 += d.sum(0)
-            s2 += torch.bmm(d.permute(1, 2, 0), d.permute(1, 0, 2))
+            d = (x - shift).transpose(0, 1).contiguous()  # (P, B, C): one GEMM per position, no copies
+            s1 += d.sum(1)
+            s2 += torch.bmm(d.transpose(1, 2), d)
             count += x.shape[0]
         if count < 2:
             raise ADError(f"dataset: PaDiM needs at least 2 training images, got {count}")
@@ -90,13 +90,14 @@ class Padim(AnomalyModel):
         eye = torch.eye(cov.shape[-1], device=cov.device)
         cov += (COV_EPS + INV_EPS) * eye
         for start in range(0, cov.shape[0], 512):  # in place, chunked: bounded extra memory
-            cov[start:start + 512] = torch.linalg.inv(cov[start:start + 512])
+            chunk = cov[start:start + 512]  # symmetric positive definite: Cholesky is the fast, stable inverse
+            cov[start:start + 512] = torch.cholesky_inverse(torch.linalg.cholesky(chunk))
         self.mean, self.inv_cov = shift + mean_d, cov
 
     def forward(self, images: torch.Tensor) -> Prediction:
         if self.inv_cov.numel() == 0:
             raise RuntimeError("Padim.forward called before fit")
-        delta = (self.embed(images) - self.mean).transpose(0, 1)  # (P, B, C)
+        delta = (self.embed(images) - self.mean).transpose(0, 1).contiguous()  # (P, B, C)
         squared = (torch.bmm(delta, self.inv_cov) * delta).sum(-1).T  # (B, P)
         h, w = (s // self.extractor.reductions[0] for s in images.shape[-2:])
         distances = squared.clamp_min(0).sqrt().reshape(-1, h, w)
