@@ -21,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from ad.cache import DiskCache, digest
 from ad.errors import ADError
 
 log = logging.getLogger(__name__)
@@ -170,13 +171,49 @@ class FeatureExtractor(nn.Module):
         self.precision, self.channels_last = precision, channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.cache: DiskCache | None = None  # attached by the run; never pickled with the model
+        self._identity: str | None = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "cache": None, "_identity": None}
+
+    def identity(self) -> str:
+        """Hash of everything that determines the features besides the input: weights, layers, numerics."""
+        if self._identity is None:
+            parts = [self.name, ",".join(self.layers), self.precision, str(self.channels_last), torch.__version__]
+            for key, tensor in self.model.state_dict().items():
+                parts += [key, tensor.detach().cpu().contiguous().numpy().tobytes()]
+            self._identity = digest(*parts)
+        return self._identity
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stay in eval mode: the backbone is frozen, its batch-norm statistics must not move."""
         return super().train(False)
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of the requested layers, fp32; served from the feature cache when attached."""
+        if self.cache is None:
+            return self.compute(images)
+        return self.cached(images)
+
+    def cached(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-image cache lookup keyed on the exact input pixels; only the misses go through the backbone."""
+        identity = self.identity()
+        pixels = images.detach().float().cpu().contiguous()
+        keys = [digest("features", identity, image.numpy().tobytes()) for image in pixels]
+        found = [self.cache.load("features", key) for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            computed = self.compute(images[missing])
+            for j, i in enumerate(missing):  # clone: saving a view would write the whole batch's storage
+                found[i] = [level[j].detach().cpu().clone() for level in computed]
+                self.cache.save("features", keys[i], found[i])
+        return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
+
+    @torch.no_grad()
+    def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Run the backbone (channels_last, autocast as configured)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         dtype = resolve_precision(self.precision, images.device)

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import ad
-from ad.backbone import resolve_precision
+from ad.backbone import FeatureExtractor, resolve_precision
+from ad.cache import DiskCache
 from ad.data import denormalize
 from ad.errors import ADError
 from ad.metrics import compute_metrics
@@ -75,6 +76,16 @@ def make_loader(dataset: torch.utils.data.Dataset, trainer: DictConfig, device: 
     )
 
 
+def open_cache(trainer: DictConfig) -> DiskCache | None:
+    """The on-disk cache of decoded images and backbone features, unless turned off."""
+    if not trainer.get("feature_cache", False):
+        return None
+    max_gb = float(trainer.cache_max_gb)
+    if max_gb <= 0:
+        raise ADError(f"trainer.cache_max_gb: {max_gb} must be positive; use trainer.feature_cache=false to turn it off")
+    return DiskCache(trainer.get("cache_dir"), max_gb=max_gb)
+
+
 def progress(loader: DataLoader, desc: str) -> tqdm:
     """A progress bar over batches, shown only on an interactive terminal."""
     return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
@@ -113,13 +124,13 @@ def format_table(results: dict) -> str:
     return "\n".join([title, *rows, timing])
 
 
-def log_examples(tracker, model: AnomalyModel, dataset, outputs: TestOutputs, count: int) -> None:
+def log_examples(tracker, dataset, outputs: TestOutputs, count: int, cache: DiskCache | None) -> None:
     """Overlay panels (image | heat map with ground-truth outline) for a sample of test images."""
     if outputs.maps is None or count <= 0:
         return
     labels, scores = outputs.labels.numpy(), outputs.scores.numpy()
     vmin, vmax = float(outputs.maps.min()), float(outputs.maps.max())
-    test_set = dataset.test_set()
+    test_set = dataset.test_set(cache)
     for i in pick_examples(labels, scores, count):
         sample = dataset.test[int(i)]
         image = denormalize(test_set[int(i)]["image"].unsqueeze(0))[0]
@@ -166,19 +177,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         dtype = resolve_precision(cfg.trainer.precision, device)
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         dataset = build(cfg.dataset, "dataset")
+        cache = open_cache(cfg.trainer)
         backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
                     "channels_last": bool(cfg.trainer.channels_last)}
         model: AnomalyModel = build(cfg.model, "model", backbone=backbone, _convert_="all").to(device)
+        for extractor in (m for m in model.modules() if isinstance(m, FeatureExtractor)):
+            extractor.cache = cache
         log.info("%s on %s/%s: %d train, %d test images, %s, %s", model_name, dataset_name, category,
                  len(dataset.train), len(dataset.test), device, precision)
 
         start = time.perf_counter()
-        model.fit(progress(make_loader(dataset.train_set(), cfg.trainer, device), "fit"), device)
+        model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
         fit_s = time.perf_counter() - start
 
         start = time.perf_counter()
         keep_maps = model.produces_maps and dataset.has_masks
-        outputs = score(model, make_loader(dataset.test_set(), cfg.trainer, device), device, keep_maps)
+        outputs = score(model, make_loader(dataset.test_set(cache), cfg.trainer, device), device, keep_maps)
         metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
         test_s = time.perf_counter() - start
 
@@ -193,8 +207,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.set_tags({"ad.weights": model.weights_source})
         tracker.log_metrics({k: float(v) for k, v in results.items() if k in metrics or k.endswith("_s")})
         tracker.log_artifact(run_dir / "metrics.json")
-        log_examples(tracker, model, dataset, outputs, getattr(tracker, "num_images", 0))
+        log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)
         tracker.log_model(model.cpu())
+        if cache is not None:
+            cache.evict()
     except KeyboardInterrupt:
         tracker.end("KILLED", error="interrupted (Ctrl-C)")
         raise

@@ -12,7 +12,7 @@ from ad.data.base import (
 from ad.data.folder import Folder
 from ad.data.io import IMAGE_EXTENSIONS, read_image, read_mask
 from ad.data.mvtec import MVTecAD
-from ad.data.synthetic import TEXTURES, Synthetic, default_cache_dir, make_mvtec_layout
+from ad.data.synthetic import TEXTURES, Synthetic, make_mvtec_layout
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -25,7 +25,6 @@ __all__ = [
     "MVTecAD",
     "Sample",
     "Synthetic",
-    "default_cache_dir",
     "denormalize",
     "make_mvtec_layout",
     "normalize",

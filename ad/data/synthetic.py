@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from ad.data.base import check_image_size
 from ad.data.mvtec import GOOD, MVTecAD
+from ad.cache import default_cache_dir
 from ad.errors import ADError
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,6 @@ SUPERSAMPLE = 4  # thin strokes are drawn this many times larger, then box-filte
 MARKER = "synthetic.json"  # settings a generated category was made with; its presence means "complete"
 
 Defect = Callable[[np.ndarray, np.random.Generator, str], tuple[np.ndarray, np.ndarray]]
-
-
-def default_cache_dir() -> Path:
-    """Where ``ad`` caches generated data: ``$AD_CACHE_DIR``, else ``~/.cache/ad``."""
-    return Path(os.environ.get("AD_CACHE_DIR") or "~/.cache/ad").expanduser()
 
 
 def check_category(category: str) -> str:

@@ -1,0 +1,105 @@
+"""A bounded on-disk cache shared by runs and sweep jobs: decoded images and backbone features.
+
+Entries are content-addressed (the key hashes everything that determines the value), written to a
+temporary file and renamed into place, so concurrent writers and interrupted runs can never leave a
+half-written entry: a reader sees the whole file or none. Reads refresh an entry's modification
+time; ``evict`` deletes the least recently used entries beyond the size bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Bump when the layout or meaning of cached values changes.
+CACHE_VERSION = "1"
+#: Temporary files older than this are leftovers of killed writers.
+STALE_TMP_S = 3600
+
+
+def default_cache_dir() -> Path:
+    """``$AD_CACHE_DIR`` if set, else ``~/.cache/ad``."""
+    return Path(os.environ.get("AD_CACHE_DIR") or "~/.cache/ad").expanduser()
+
+
+def digest(*parts: bytes | str) -> str:
+    """Hex key over several byte strings (length-prefixed, so parts cannot run into each other)."""
+    h = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+class DiskCache:
+    """Tensors (or dicts/lists of tensors) stored one file per key under ``root/<kind>/``."""
+
+    def __init__(self, root: str | Path | None = None, max_gb: float = 20.0) -> None:
+        self.root = Path(root).expanduser() if root else default_cache_dir()
+        self.max_bytes = int(max_gb * 1024**3)
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / f"{kind}-v{CACHE_VERSION}" / key[:2] / f"{key}.pt"
+
+    def load(self, kind: str, key: str):
+        """The cached value, or None when absent or unreadable (a damaged entry is removed)."""
+        path = self._path(kind, key)
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, never an error
+            log.warning("dropping unreadable cache entry %s (%s)", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            os.utime(path)  # mark as recently used for eviction
+        except OSError:
+            pass
+        return value
+
+    def save(self, kind: str, key: str, value) -> None:
+        """Write atomically: temp file in the same folder, then rename over the final name."""
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(value, tmp)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full or read-only disk degrades to no caching, not a failed run
+            tmp.unlink(missing_ok=True)
+            log.warning("feature cache write failed at %s: %s", path, exc)
+
+    def evict(self) -> int:
+        """Delete least recently used entries until the cache fits its bound; returns bytes freed."""
+        if not self.root.is_dir():
+            return 0
+        now, entries, freed = time.time(), [], 0
+        for path in self.root.glob("*-v*/*/*"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed by a concurrent run
+                continue
+            if path.suffix == ".tmp":
+                if now - stat.st_mtime > STALE_TMP_S:
+                    path.unlink(missing_ok=True)
+                continue
+            entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            freed += size
+        if freed:
+            log.info("feature cache: evicted %.1f MB to stay under %.1f GB", freed / 1e6, self.max_bytes / 1024**3)
+        return freed
