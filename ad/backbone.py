@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import socket
-import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -94,7 +93,6 @@ def _random_init_warning(reason: str) -> None:
         f"!! or pre-fetch the weights while online.\n{'!' * 78}"
     )
     log.warning(message)
-    warnings.warn("backbone running with random weights: " + reason, stacklevel=3)
 
 
 def build_feature_model(name: str, layers: list[str], weights: str, tag: str | None) -> tuple[nn.Module, str]:

@@ -79,6 +79,14 @@ def check_overrides(overrides: list[str]) -> None:
             sys.exit(2)
 
 
+def one_line(exc: ADError) -> str:
+    """The user-facing line of an error, also when a DataLoader worker wrapped it in its traceback."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(exc):
+        return lines[-1].split("ADError: ", 1)[-1]
+    return " ".join(lines)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from ad.run import run  # heavy imports (torch, mlflow) only once the config is known to be valid
@@ -87,7 +95,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ADError as exc:
         log.debug("run failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(1)
     return results.get(cfg.get("optimized_metric", "image_AUROC"))
 

@@ -73,12 +73,12 @@ def test_unknown_weight_tag_lists_the_available_ones():
         FeatureExtractor("resnet18", ["layer1"], weights="imagenet", tag="no_such_tag")
 
 
-def test_unreachable_hub_warns_loudly_and_records_random(monkeypatch):
+def test_unreachable_hub_warns_loudly_and_records_random(monkeypatch, caplog):
     monkeypatch.setattr(bb, "_cached_hub_file", lambda hub_id: None)
     monkeypatch.setattr(bb, "_host_reachable", lambda url: False)
-    with pytest.warns(UserWarning, match="random weights"):
-        extractor = FeatureExtractor("resnet18", ["layer1"], weights="imagenet", tag="tv_in1k")
+    extractor = FeatureExtractor("resnet18", ["layer1"], weights="imagenet", tag="tv_in1k")
     assert extractor.weights_source == "random"
+    assert "RANDOMLY INITIALISED" in caplog.text and "backbone.weights=" in caplog.text
 
 
 def test_cached_hub_weights_load_offline_as_imagenet(monkeypatch, resnet18_checkpoint):

@@ -140,3 +140,17 @@ def test_corrupt_image_fails_the_run_naming_the_file(tmp_path, mvtec_root):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert only_run(uri)[1].info.status == "FAILED"
+
+
+def test_errors_raised_in_loader_workers_stay_one_line(tmp_path, mvtec_root):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(mvtec_root, root)
+    victim = sorted((root / "widget" / "train" / "good").iterdir())[0]
+    victim.write_bytes(b"not an image")
+    result = launch(tmp_path, "dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "tracking=none",
+                    "trainer.num_workers=1", "trainer.feature_cache=false", *TINY, f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and victim.name in error_lines[0] and "Traceback" not in result.stderr
