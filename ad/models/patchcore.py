@@ -1,0 +1,401 @@
+"""PatchCore: nearest-neighbour distance to a memory bank of nominal patches (Roth et al., CVPR 2022).
+
+Features of layer2 and layer3 are averaged over 3x3 neighbourhoods, layer3 is upsampled to layer2's
+grid and the two are concatenated into one vector per patch. All training patches form the memory
+bank, which a greedy k-center coreset shrinks to ``coreset_ratio`` of its size. A test patch scores
+its Euclidean distance to the nearest bank entry (faiss); the anomaly map is those distances,
+upsampled and blurred (σ=4); the image score is the largest patch distance re-weighted by how
+isolated its nearest bank entry is (the paper's eq. 7, as anomalib computes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterable
+
+import faiss
+import torch
+import torch.nn.functional as F
+
+from ad.backbone import FeatureExtractor
+from ad.errors import ADError
+from ad.models.base import AnomalyModel, Prediction
+from ad.postprocess import MapSmoother
+
+#: Johnson-Lindenstrauss distortion anomalib uses to size its coreset projection (projection_dim: null).
+JL_EPS = 0.9
+#: faiss index kinds: exact search, or graph/inverted-list approximations for large banks.
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+HNSW_LINKS, HNSW_EF_SEARCH = 32, 64
+IVF_MIN_PROBES = 8
+#: Share of the free memory the memory bank and its coreset workspace may take.
+MEMORY_FRACTION = 0.8
+#: The greedy coreset scans every row (faiss range search) instead of the rows the triangle
+#: inequality leaves open once more than this share of them is open (gathers cost more than a scan).
+OPEN_ROWS_SHARE = 0.2
+ARGMAX_BLOCK = 256
+
+
+def jl_dim(n_samples: int, eps: float = JL_EPS) -> int:
+    """Johnson-Lindenstrauss dimension for ``n_samples`` at distortion ``eps`` (sklearn's formula)."""
+    return int(4 * math.log(n_samples) / (eps**2 / 2 - eps**3 / 3))
+
+
+def sparse_random_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """(in_dim, out_dim) Achlioptas/Li sparse random matrix, density 1/sqrt(in_dim), as anomalib and sklearn."""
+    density = 1 / math.sqrt(in_dim)
+    keep = torch.rand(in_dim, out_dim, generator=generator) < density
+    signs = torch.randint(0, 2, (in_dim, out_dim), generator=generator) * 2 - 1
+    return keep * signs * (math.sqrt(1 / density) / math.sqrt(out_dim))
+
+
+class FarthestFirst:
+    """Squared distance of every row to its closest chosen centre, updated one new centre at a time.
+
+    On a GPU every row is updated by one matrix-vector product, without host syncs. On the CPU
+    only rows the new centre can come closer to are visited: a row p owned by centre a cannot when
+    |c - a|^2 >= 4 |p - a|^2 (triangle inequality), which on real features leaves under 10% of the
+    rows after the first picks; when it leaves too many, a faiss range search finds the rows within
+    the current covering radius of c (a single streaming pass, twice as fast as a matrix-vector
+    product, and the only rows a new centre can move). Either way the picks are unchanged.
+    """
+
+    def __init__(self, features: torch.Tensor, capacity: int, exhaustive: bool | None = None) -> None:
+        n, dim = features.shape
+        self.features, self.prune = features, not (features.is_cuda if exhaustive is None else exhaustive)
+        # padded to whole blocks for a two-level argmax (a flat CPU argmax is 10x slower); pads never win
+        self.padded = torch.full((-(-n // ARGMAX_BLOCK) * ARGMAX_BLOCK,), -torch.inf, device=features.device)
+        self.min_d = self.padded[:n].fill_(torch.inf)
+        if self.prune:
+            self.index = faiss.IndexFlatL2(dim)
+            self.index.add(features.numpy())
+            self.owner = torch.zeros(n, dtype=torch.int32)  # position of each row's closest centre
+            self.centres, self.centres_sq = features.new_empty(capacity, dim), features.new_empty(capacity)
+            self.count, self.wait, self.backoff = 0, 0, 1
+        else:
+            self.sq = features.square().sum(1)
+
+    def add(self, idx: torch.Tensor) -> None:
+        """Make row ``idx`` (a one-element tensor) a centre and shorten the distances it shortens."""
+        centre = self.features.index_select(0, idx)
+        if not self.prune:
+            dist = torch.addmv(self.sq, self.features, centre[0], alpha=-2).add_(self.sq.index_select(0, idx))
+            torch.minimum(self.min_d, dist.clamp_min_(0), out=self.min_d)
+        else:
+            i, radius = self.count, float(self.min_d[idx])
+            self.centres[i:i + 1], self.centres_sq[i] = centre, centre.square().sum()
+            self.count += 1
+            rows = self._open_rows(centre[0]) if i > 0 else None
+            if rows is not None:
+                dist = (self.features.index_select(0, rows) - centre).square_().sum(1)
+            else:  # only rows within the covering radius can come closer to the new centre
+                _, dist, rows = self.index.range_search(centre.numpy(), radius)
+                dist, rows = torch.from_numpy(dist), torch.from_numpy(rows)
+            closer = dist < self.min_d.index_select(0, rows)
+            rows = rows.masked_select(closer)
+            self.min_d.index_copy_(0, rows, dist.masked_select(closer))
+            self.owner.index_fill_(0, rows, i)
+        self.min_d.index_fill_(0, idx, 0)
+
+    def _open_rows(self, centre: torch.Tensor) -> torch.Tensor | None:
+        """Rows with |c - owner|^2 < 4 min_d (0.1% slack against rounding), or None when too many are.
+
+        After a test that leaves too many rows, the next ones come after 1, 2, 4... up to 64 steps.
+        """
+        if self.wait:
+            self.wait -= 1
+            return None
+        i = self.count - 1
+        between = torch.addmv(self.centres_sq[:i], self.centres[:i], centre, alpha=-2).add_(self.centres_sq[i])
+        rows = (between.mul_(1 / 4.004).index_select(0, self.owner) < self.min_d).nonzero().squeeze(1)
+        if rows.numel() <= OPEN_ROWS_SHARE * len(self.min_d):
+            self.backoff = 1
+            return rows
+        self.backoff = min(2 * self.backoff, 64)
+        self.wait = self.backoff - 1
+        return None
+
+    def farthest(self) -> torch.Tensor:
+        """Index (a one-element tensor) of the row farthest from every centre; the first one on ties."""
+        if not self.prune:
+            return self.min_d.argmax().view(1)
+        blocks = self.padded.view(-1, ARGMAX_BLOCK)
+        block = blocks.amax(1).argmax().view(1)
+        return block * ARGMAX_BLOCK + blocks.index_select(0, block).argmax(1)
+
+
+def k_center_greedy(features: torch.Tensor, k: int, start: int, exhaustive: bool | None = None) -> torch.Tensor:
+    """Indices of ``k`` rows picked farthest-first from row ``start`` (greedy k-center, start included).
+
+    Each pick is the row farthest from all rows picked so far, as anomalib's KCenterGreedy after
+    its fix #3509. ``exhaustive`` updates every row at every step (default: on GPUs only).
+    """
+    features = features.float().contiguous()
+    state = FarthestFirst(features, k, exhaustive)
+    chosen = torch.empty(k, dtype=torch.long, device=features.device)
+    idx = torch.tensor([start], device=features.device)
+    with single_thread(features.device):
+        for i in range(k):
+            chosen[i:i + 1] = idx
+            if i < k - 1:
+                state.add(idx)
+                idx = state.farthest()
+    return chosen
+
+
+@contextlib.contextmanager
+def single_thread(device: torch.device):
+    """One CPU thread for a chain of thousands of small ops: OpenMP's fork/join would cost more (and
+    far more on shared cores, where a descheduled thread stalls every op)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
+def as_patches(embedding: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C): a view of a channels-last embedding."""
+    return embedding.permute(0, 2, 3, 1).reshape(embedding.shape[0], -1, embedding.shape[1])
+
+
+def take_rows(chunks: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of the concatenation of ``chunks``, without materialising the concatenation."""
+    out = chunks[0].new_empty(len(indices), chunks[0].shape[1])
+    start = 0
+    for chunk in chunks:
+        hit = (indices >= start) & (indices < start + len(chunk))
+        out[hit] = chunk[indices[hit] - start]
+        start += len(chunk)
+    return out
+
+
+def size_text(n_bytes: int) -> str:
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def batch_count(batches: Iterable) -> int | None:
+    """How many batches an iterable will yield when it knows (DataLoader, tqdm), else None."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (cgroup limit included), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:  # containers: the cgroup v2 limit may be far below the host's free memory
+        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
+            limit = f_max.read().strip()
+            if limit != "max":
+                room = int(limit) - int(f_cur.read())
+                free = room if free is None else min(free, room)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def faiss_index(bank: torch.Tensor, kind: str) -> tuple[faiss.Index, object]:
+    """A faiss L2 index holding ``bank`` (on the bank's GPU when faiss has GPU support), and its GPU resources."""
+    n, dim = bank.shape
+    if kind == "hnsw":
+        spec = f"HNSW{HNSW_LINKS},Flat"
+    elif kind == "ivf":
+        spec = f"IVF{max(1, min(math.isqrt(n), n // 39))},Flat"  # faiss wants >= 39 points per list
+    else:
+        spec = "Flat"
+    index = faiss.index_factory(dim, spec, faiss.METRIC_L2)
+    data = bank.detach().float().cpu().contiguous().numpy()
+    if kind == "hnsw":
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    if kind == "ivf":
+        index.train(data)
+        index.nprobe = min(index.nlist, max(IVF_MIN_PROBES, index.nlist // 32))
+    resources = None
+    if bank.is_cuda and kind != "hnsw":  # faiss has no GPU HNSW
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, bank.device.index or 0, index)
+    index.add(data)
+    return index, resources
+
+
+def torch_nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact squared L2 distances and indices of the ``k`` nearest bank rows, in bounded-memory chunks."""
+    bank_sq = bank.square().sum(1)
+    rows = max(1, 2**27 // len(bank))  # a (rows, bank) distance block of at most 512 MiB
+    parts = [torch.addmm(bank_sq, q, bank.T, alpha=-2).topk(k, dim=1, largest=False) for q in queries.split(rows)]
+    dist = torch.cat([p.values for p in parts]) + queries.square().sum(1, keepdim=True)
+    return dist.clamp_min_(0), torch.cat([p.indices for p in parts])
+
+
+class Patchcore(AnomalyModel):
+    """PatchCore anomaly detector (see module docstring)."""
+
+    def __init__(
+        self,
+        backbone: dict,
+        layers: tuple[str, ...] = ("layer2", "layer3"),
+        coreset_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        projection_dim: int | None = 128,
+        index: str = "flat",
+        blur_sigma: float = 4.0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if not 0 < coreset_ratio <= 1:
+            raise ADError(f"model.coreset_ratio: {coreset_ratio} is outside (0, 1]; 0.1 keeps 10% of the patches")
+        if num_neighbors < 1:
+            raise ADError(f"model.num_neighbors: {num_neighbors} must be at least 1 (1 = plain max patch distance)")
+        if projection_dim is not None and projection_dim < 1:
+            raise ADError(f"model.projection_dim: {projection_dim} must be positive, or null for anomalib's JL size")
+        if index not in INDEX_KINDS:
+            raise ADError(f"model.index: '{index}' is not one of {', '.join(INDEX_KINDS)}")
+        self.extractor = FeatureExtractor(layers=list(layers), **backbone)
+        self.coreset_ratio, self.num_neighbors = float(coreset_ratio), int(num_neighbors)
+        self.projection_dim, self.index_kind, self.seed = projection_dim, index, seed
+        self.register_buffer("memory_bank", torch.empty(0, 0))
+        self.smoother = MapSmoother(sigma=blur_sigma)
+        self._index = None  # faiss index over memory_bank, built on first use (never pickled)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, C, h, w) locally aggregated patch features on the first layer's grid.
+
+        Channels-last throughout: pooling and upsampling run 3x faster on the CPU, and the
+        (patches, C) rows the memory bank and the search need are then a view, not a copy.
+        """
+        features = [f.contiguous(memory_format=torch.channels_last) for f in self.extractor(images)]
+        features = [F.avg_pool2d(f, kernel_size=3, stride=1, padding=1) for f in features]
+        grid = features[0].shape[-2:]
+        features = [f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+                    for f in features]
+        return torch.cat(features, dim=1)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, h*w, C) patch features, row-major over the grid."""
+        return as_patches(self.embed(images))
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[dict], device: torch.device) -> None:
+        """Collect every training patch, then keep a greedy k-center coreset of them as the memory bank."""
+        chunks, budget, n_batches = [], None, batch_count(batches)
+        for batch in batches:
+            x = self.patches(batch["image"].to(device))
+            chunks.append(x.reshape(-1, x.shape[-1]))
+            if budget is None:  # from the first batch: does the whole bank fit before it is collected?
+                free = free_memory(device)
+                budget = None if free is None else int(MEMORY_FRACTION * free)
+                expected = n_batches * len(x) if n_batches else len(x)
+                self._check_memory(expected, x, budget, device)
+            self._check_memory(sum(map(len, chunks)) // x.shape[1], x, budget, device)
+        if not chunks:
+            raise ADError("dataset: PatchCore got no training images")
+        n = sum(map(len, chunks))
+        size = int(n * self.coreset_ratio)
+        if size < 1:
+            raise ADError(f"model.coreset_ratio: {self.coreset_ratio} keeps none of the {n} training patches; raise it")
+        if self.num_neighbors > size:
+            raise ADError(f"model.num_neighbors: {self.num_neighbors} is more than the {size} patches in the memory "
+                          "bank; lower it or raise model.coreset_ratio")
+        self.memory_bank = torch.cat(chunks) if size == n else take_rows(chunks, self.coreset(chunks, size))
+        self._index = None
+
+    def coreset(self, chunks: list[torch.Tensor], size: int) -> torch.Tensor:
+        """Indices of the greedy k-center coreset, chosen on a seeded sparse random projection."""
+        generator = torch.Generator().manual_seed(self.seed)
+        n, dim = sum(map(len, chunks)), chunks[0].shape[1]
+        out_dim = self.projection_dim or jl_dim(n)
+        if out_dim < dim:
+            matrix = sparse_random_projection(dim, out_dim, generator).to(chunks[0].device)
+            reduced = torch.cat([chunk @ matrix for chunk in chunks])
+        else:
+            reduced = torch.cat(chunks)
+        reduced -= reduced.mean(0)  # distances are unchanged; smaller norms mean less fp32 cancellation
+        start = int(torch.randint(n, (1,), generator=generator))
+        return k_center_greedy(reduced, size, start)
+
+    def _check_memory(self, n_images: int, x: torch.Tensor, budget: int | None, device: torch.device) -> None:
+        """Raise before collecting a bank (patches, projection, coreset) larger than the budget."""
+        if budget is None:
+            return
+        per_image, dim = x.shape[1], x.shape[2]
+        n = n_images * per_image
+        # coreset workspace: the projected rows, faiss's copy of them, and per-row distances and owners
+        work = 0 if self.coreset_ratio == 1 else n * (2 * min(dim, self.projection_dim or jl_dim(n)) + 2)
+        need = 4 * (n * dim + work + int(n * self.coreset_ratio) * dim)
+        if need > budget:
+            raise ADError(
+                f"dataset.image_size: PatchCore's memory bank of {n_images} images x {per_image} patches x {dim} "
+                f"features needs {size_text(need)} but only {size_text(budget)} of {device.type} memory "
+                "is available; train on fewer images, lower dataset.image_size, or use fewer model.layers "
+                "(model.coreset_ratio only shrinks the bank kept after selection)"
+            )
+
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Euclidean distance to, and index of, each query's nearest memory bank entry."""
+        if self.memory_bank.is_cuda and self.index_kind == "flat" and not hasattr(faiss, "StandardGpuResources"):
+            squared, index = torch_nearest(queries, self.memory_bank)  # faiss-cpu on a GPU run: stay on the GPU
+            return squared.sqrt().squeeze(1), index.squeeze(1)
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        squared, index = self.knn_index.search(queries.detach().float().cpu().contiguous().numpy(), 1)
+        squared, index = torch.from_numpy(squared[:, 0]), torch.from_numpy(index[:, 0])
+        return squared.to(queries.device).clamp_min_(0).sqrt(), index.to(queries.device)
+
+    @property
+    def knn_index(self) -> faiss.Index:
+        """The faiss index over the memory bank, rebuilt whenever the bank moved or changed."""
+        bank = self.memory_bank
+        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape))
+        if self._index is None or self._index[0] != key:
+            if bank.is_cuda and not hasattr(faiss, "StandardGpuResources"):
+                warnings.warn("faiss has no GPU support here (pip install 'ad[gpu]'); searching on the CPU",
+                              stacklevel=2)
+                bank = bank.cpu()
+            faiss.omp_set_num_threads(torch.get_num_threads())
+            self._index = (key, *faiss_index(bank, self.index_kind))
+        return self._index[1]
+
+    def image_scores(self, patches: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Paper eq. 7 as anomalib computes it: s* times 1 - softmax(distances to m*'s neighbourhood)[0].
+
+        s* is the largest patch distance of an image, m* that patch's nearest bank entry; the weight
+        grows when the test patch is far from m*'s ``num_neighbors`` nearest bank entries (m* included).
+        """
+        if self.num_neighbors == 1:
+            return distances.amax(1)
+        rows = torch.arange(len(patches), device=patches.device)
+        worst = distances.argmax(1)
+        patch, score, m_star = patches[rows, worst], distances[rows, worst], nearest[rows, worst]
+        _, support = torch_nearest(self.memory_bank[m_star], self.memory_bank, self.num_neighbors)
+        to_support = torch.linalg.vector_norm(patch.unsqueeze(1) - self.memory_bank[support], dim=-1)
+        return (1 - to_support.softmax(1)[:, 0]) * score
+
+    def forward(self, images: torch.Tensor) -> Prediction:
+        if self.memory_bank.numel() == 0:
+            raise RuntimeError("Patchcore.forward called before fit")
+        embedding = self.embed(images)
+        b, c, h, w = embedding.shape
+        patches = as_patches(embedding)
+        distances, nearest = self.nearest(patches.reshape(-1, c))
+        distances, nearest = distances.view(b, h * w), nearest.view(b, h * w)
+        maps = self.smoother(distances.view(b, h, w), size=images.shape[-2:])
+        return Prediction(scores=self.image_scores(patches, distances, nearest), maps=maps)
+
+    def __getstate__(self) -> dict:
+        """Pickle without the faiss index (not picklable); it is rebuilt from the memory bank on first use."""
+        return {**self.__dict__, "_index": None}

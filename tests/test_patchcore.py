@@ -1,0 +1,213 @@
+"""PatchCore against direct, unvectorised computations of the paper's and anomalib's definitions."""
+
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+import ad.models.patchcore as patchcore
+from ad.errors import ADError
+from ad.launch import CONF_DIR
+from ad.models.patchcore import Patchcore, jl_dim, k_center_greedy, sparse_random_projection, torch_nearest
+from ad.postprocess import MapSmoother
+from ad.run import run
+
+DEVICE = torch.device("cpu")
+RESNET18 = {"name": "resnet18", "weights": "random"}
+TINY = ["dataset.image_size=64", "trainer.batch_size=8", "backbone.weights=random", "tracking=none",
+        "dataset.n_train=12", "dataset.n_test_good=6", "dataset.n_test_defect=6"]
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["model=patchcore", *TINY, *overrides])
+
+
+def naive_k_center(features: torch.Tensor, k: int, start: int) -> list[int]:
+    """anomalib's KCenterGreedy loop, one point at a time in float64 with direct norms."""
+    features = features.double()
+    chosen, min_d = [start], torch.full((len(features),), torch.inf, dtype=torch.float64)
+    for _ in range(k - 1):
+        min_d = torch.minimum(min_d, torch.linalg.vector_norm(features - features[chosen[-1]], dim=1))
+        chosen.append(int(min_d.argmax()))
+        min_d[chosen[-1]] = 0
+    return chosen
+
+
+def anomalib_score(patches, bank, k):
+    """anomalib's compute_anomaly_score for one image, spelled out: (1 - softmax(d)[0]) * s*, or s* for k=1."""
+    distances = torch.cdist(patches, bank).min(1)
+    if k == 1:
+        return distances.values.max()
+    worst = int(distances.values.argmax())
+    score, m_star = distances.values[worst], distances.indices[worst]
+    support = torch.cdist(bank[m_star][None], bank)[0].argsort()[:k]
+    d = torch.linalg.vector_norm(patches[worst] - bank[support], dim=1)
+    return (1 - torch.softmax(d, 0)[0]) * score
+
+
+def batches(images: torch.Tensor, size: int = 4) -> list[dict]:
+    return [{"image": chunk} for chunk in images.split(size)]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.manual_seed(0)
+    model = Patchcore(backbone=RESNET18, coreset_ratio=0.25)
+    model.fit(batches(torch.randn(8, 3, 64, 64)), DEVICE)
+    return model
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_coreset_is_the_naive_greedy_k_center(clustered, monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(1500, 24, generator=generator)
+    if clustered:  # real features are clustered: most rows are skipped by the triangle inequality
+        features = 0.3 * features + 4 * torch.randn(30, 24, generator=generator)[torch.arange(1500) % 30]
+    k, start = int(1500 * 0.1), 123
+    expected = naive_k_center(features, k, start)
+    chosen = k_center_greedy(features, k, start)
+    assert chosen.tolist() == expected and len(chosen) == k and chosen[0] == start
+    assert k_center_greedy(features, k, start, exhaustive=True).tolist() == expected  # the GPU way
+    monkeypatch.setattr(patchcore, "OPEN_ROWS_SHARE", -1.0)  # a faiss range search at every step
+    assert k_center_greedy(features, k, start).tolist() == expected
+
+
+def test_projection_matches_anomalib_sizes_and_entries():
+    assert jl_dim(61_440) == 272 and jl_dim(214_016) == 303  # anomalib's eps=0.9 sizes
+    matrix = sparse_random_projection(1536, 128, torch.Generator().manual_seed(0))
+    density, scale = 1536**-0.5, (1536**0.5 / 128) ** 0.5  # entries 0 or +-sqrt(1/density)/sqrt(out_dim)
+    nonzero = matrix[matrix != 0]
+    torch.testing.assert_close(nonzero.abs(), torch.full_like(nonzero, scale))
+    assert abs(nonzero.numel() / matrix.numel() - density) < 0.003 and abs((nonzero > 0).float().mean() - 0.5) < 0.02
+
+
+def test_memory_bank_is_a_seeded_coreset_of_training_patches():
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 64, 64)
+    models = [Patchcore(backbone=RESNET18, coreset_ratio=0.1, seed=s) for s in (1, 1, 2)]
+    for model in models:
+        model.extractor.load_state_dict(models[0].extractor.state_dict())
+        model.fit(batches(images), DEVICE)
+    patches = models[0].patches(images).reshape(-1, models[0].memory_bank.shape[1])
+    bank = models[0].memory_bank
+    assert len(bank) == int(len(patches) * 0.1)
+    exact = torch.cdist(bank, patches, compute_mode="donot_use_mm_for_euclid_dist")
+    assert exact.min(1).values.max() < 1e-4  # every entry is a training patch
+    assert torch.equal(bank, models[1].memory_bank) and not torch.equal(bank, models[2].memory_bank)
+
+
+def test_embedding_is_pooled_upsampled_and_concatenated(fitted):
+    images = torch.randn(2, 3, 64, 64)
+    layer2, layer3 = (F.avg_pool2d(f, 3, 1, 1) for f in fitted.extractor(images))
+    layer3 = F.interpolate(layer3, size=layer2.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(fitted.embed(images), torch.cat([layer2, layer3], 1))
+
+
+def test_faiss_and_torch_search_equal_cdist():
+    generator = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(500, 48, generator=generator), torch.randn(300, 48, generator=generator)
+    model = Patchcore(backbone=RESNET18)
+    model.memory_bank = bank
+    expected = torch.cdist(queries, bank).min(1)
+    distances, nearest = model.nearest(queries)
+    torch.testing.assert_close(distances, expected.values, rtol=1e-4, atol=1e-4)
+    assert torch.equal(nearest, expected.indices)
+    squared, nearest = torch_nearest(queries, bank)  # the exact search of GPU runs without faiss-gpu
+    torch.testing.assert_close(squared.sqrt()[:, 0], expected.values, rtol=1e-4, atol=1e-4)
+    assert torch.equal(nearest[:, 0], expected.indices)
+    for kind in ("hnsw", "ivf"):  # approximate: never closer than exact, mostly the same neighbour
+        model.index_kind = kind
+        distances, nearest = model.nearest(queries)
+        assert (distances >= expected.values - 1e-4).all() and (nearest == expected.indices).float().mean() > 0.7
+
+
+def test_map_is_nearest_distance_upsampled_and_blurred(fitted):
+    images = torch.randn(2, 3, 64, 64)
+    embedding = fitted.embed(images)
+    patches = embedding.flatten(2).transpose(1, 2)
+    distances = torch.cdist(patches, fitted.memory_bank).min(2).values.view(2, *embedding.shape[-2:])
+    prediction = fitted(images)
+    torch.testing.assert_close(prediction.maps, MapSmoother(sigma=4.0)(distances, (64, 64)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_image_score_is_anomalibs_reweighting(fitted, k, monkeypatch):
+    monkeypatch.setattr(fitted, "num_neighbors", k)
+    images = torch.randn(3, 3, 64, 64)
+    scores = fitted(images).scores
+    patches = fitted.patches(images)
+    expected = torch.stack([anomalib_score(p, fitted.memory_bank, k) for p in patches])
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    if k == 1:  # no re-weighting: the largest nearest-neighbour distance
+        max_patch = torch.cdist(patches, fitted.memory_bank).min(2).values.amax(1)
+        torch.testing.assert_close(scores, max_patch, rtol=1e-4, atol=1e-4)
+
+
+def test_scores_do_not_depend_on_the_batch(fitted):
+    images = torch.randn(4, 3, 64, 64)
+    together = fitted(images).scores
+    alone = torch.cat([fitted(images[i:i + 1]).scores for i in range(4)])
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+
+
+def test_pickle_round_trip_gives_identical_scores(fitted):
+    images = torch.randn(2, 3, 64, 64)
+    before = fitted(images)  # builds the faiss index, which must not be pickled
+    restored = pickle.loads(pickle.dumps(fitted))
+    after = restored(images)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"coreset_ratio": 0.0}, "model.coreset_ratio"),
+    ({"coreset_ratio": 1.5}, "model.coreset_ratio"),
+    ({"num_neighbors": 0}, "model.num_neighbors"),
+    ({"index": "annoy"}, "model.index"),
+    ({"projection_dim": 0}, "model.projection_dim"),
+])
+def test_bad_settings_name_their_key(kwargs, key):
+    with pytest.raises(ADError, match=key):
+        Patchcore(backbone=RESNET18, **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"coreset_ratio": 0.001}, "model.coreset_ratio"),  # 128 patches x 0.001 = no bank at all
+    ({"coreset_ratio": 0.05}, "model.num_neighbors"),  # 6 bank entries < 9 neighbours
+])
+def test_too_small_a_bank_names_its_key(kwargs, key):
+    model = Patchcore(backbone=RESNET18, **kwargs)
+    with pytest.raises(ADError, match=key):
+        model.fit(batches(torch.randn(2, 3, 64, 64)), DEVICE)
+
+
+class Endless:
+    """A training set that claims ten million batches but never builds them."""
+
+    def __len__(self):
+        return 10_000_000
+
+    def __iter__(self):
+        while True:
+            yield {"image": torch.randn(2, 3, 64, 64)}
+
+
+def test_a_bank_too_large_for_memory_fails_before_it_is_collected(monkeypatch):
+    model = Patchcore(backbone=RESNET18)
+    with pytest.raises(ADError, match="dataset.image_size.*GiB"):
+        model.fit(Endless(), DEVICE)  # from the announced length, after one batch
+    monkeypatch.setattr(patchcore, "free_memory", lambda device: 2**20)
+    with pytest.raises(ADError, match="dataset.image_size"):  # no length: while collecting
+        model.fit(iter(Endless()), DEVICE)
+
+
+def test_default_backbone_is_the_papers():
+    cfg = make_cfg()
+    assert cfg.backbone.name == "wide_resnet50_2" and list(cfg.model.layers) == ["layer2", "layer3"]
+
+
+def test_patchcore_separates_synthetic_defects(tmp_path):
+    results = run(make_cfg("backbone=resnet18"), tmp_path)
+    assert results["image_AUROC"] > 0.8 and results["pixel_AUROC"] > 0.8
