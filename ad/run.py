@@ -82,7 +82,7 @@ def open_cache(trainer: DictConfig) -> DiskCache | None:
         return None
     max_gb = float(trainer.cache_max_gb)
     if max_gb <= 0:
-        raise ADError(f"trainer.cache_max_gb: {max_gb} must be positive; use trainer.feature_cache=false to turn it off")
+        raise ADError(f"trainer.cache_max_gb: {max_gb} must be positive; trainer.feature_cache=false turns it off")
     return DiskCache(trainer.get("cache_dir"), max_gb=max_gb)
 
 

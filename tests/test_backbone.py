@@ -53,7 +53,7 @@ def test_checkpoint_file_is_loaded_exactly(resnet18_checkpoint):
     extractor = FeatureExtractor("resnet18", ["layer1", "layer3"], weights=str(path))
     assert extractor.weights_source == "file"
     images = torch.randn(2, 3, 64, 64)
-    for ours, reference in zip(extractor(images), reference_features(state, images, (1, 3))):
+    for ours, reference in zip(extractor(images), reference_features(state, images, (1, 3)), strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
 

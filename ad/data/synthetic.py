@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ad.cache import default_cache_dir
 from ad.data.base import check_image_size
 from ad.data.mvtec import GOOD, MVTecAD
-from ad.cache import default_cache_dir
 from ad.errors import ADError
 
 log = logging.getLogger(__name__)
