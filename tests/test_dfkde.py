@@ -5,11 +5,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import TINY, compose_config
 from scipy.stats import gaussian_kde
 
 from ad.errors import ADError
-from ad.launch import CONF_DIR
 from ad.models.dfkde import Dfkde, anomaly_probability, random_subset
 from ad.run import run
 
@@ -18,9 +17,7 @@ BACKBONE = {"name": "resnet18", "weights": "random"}
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["dataset.image_size=64", "trainer.batch_size=8",
-                                            "backbone.weights=random", *overrides])
+    return compose_config(*TINY, *overrides)
 
 
 def fitted_model(scaling: str) -> tuple[Dfkde, torch.Tensor]:

@@ -6,12 +6,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import TINY, compose_config
 from scipy.stats import multivariate_normal
 from sklearn.decomposition import PCA
 
 from ad.errors import ADError
-from ad.launch import CONF_DIR
 from ad.models.dfm import Dfm, component_count, fit_pca
 from ad.run import run
 
@@ -20,9 +19,7 @@ BACKBONE = {"name": "resnet18", "weights": "random"}
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["dataset.image_size=64", "trainer.batch_size=8",
-                                            "backbone.weights=random", *overrides])
+    return compose_config(*TINY, *overrides)
 
 
 def fitted_model(score_type: str) -> tuple[Dfm, torch.Tensor]:

@@ -7,21 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import TINY, compose_config
 from mlflow.tracking import MlflowClient
 
 from ad.data.synthetic import make_mvtec_layout
 from ad.errors import ADError
-from ad.launch import CONF_DIR
 from ad.run import run
 
-TINY = ["dataset.image_size=64", "trainer.batch_size=8", "backbone.weights=random"]
 TINY_SYNTHETIC = ["dataset.n_train=12", "dataset.n_test_good=6", "dataset.n_test_defect=6"]
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
+    return compose_config(*TINY, *overrides)
 
 
 def launch(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

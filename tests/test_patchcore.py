@@ -5,11 +5,10 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from helpers import compose_config
 
 import ad.models.patchcore as patchcore
 from ad.errors import ADError
-from ad.launch import CONF_DIR
 from ad.models.patchcore import Patchcore, jl_dim, k_center_greedy, sparse_random_projection, torch_nearest
 from ad.postprocess import MapSmoother
 from ad.run import run
@@ -21,8 +20,7 @@ TINY = ["dataset.image_size=64", "trainer.batch_size=8", "backbone.weights=rando
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["model=patchcore", *TINY, *overrides])
+    return compose_config("model=patchcore", *TINY, *overrides)
 
 
 def naive_k_center(features: torch.Tensor, k: int, start: int) -> list[int]:
