@@ -206,7 +206,7 @@ class FeatureExtractor(nn.Module):
             computed = self.compute(images[missing])
             for j, i in enumerate(missing):  # clone: saving a view would write the whole batch's storage
                 found[i] = [level[j].detach().cpu().clone() for level in computed]
-                self.cache.save("features", keys[i], found[i])
+                self.cache.save_async("features", keys[i], found[i])
         return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
 
     @torch.no_grad()

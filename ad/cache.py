@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,12 +46,35 @@ class DiskCache:
     def __init__(self, root: str | Path | None = None, max_gb: float = 20.0) -> None:
         self.root = Path(root).expanduser() if root else default_cache_dir()
         self.max_bytes = int(max_gb * 1024**3)
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._in_flight: dict[tuple[str, str], object] = {}  # queued values, readable before they land
+
+    def save_async(self, kind: str, key: str, value) -> None:
+        """Like ``save``, on a background thread, so writing overlaps the next backbone pass."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ad-cache")
+        self._in_flight[(kind, key)] = value
+
+        def write() -> None:
+            self.save(kind, key, value)
+            self._in_flight.pop((kind, key), None)
+
+        self._pending.append(self._writer.submit(write))
+
+    def flush(self) -> None:
+        """Wait for background writes to finish (they are atomic, so an abandoned one leaves nothing)."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
 
     def _path(self, kind: str, key: str) -> Path:
         return self.root / f"{kind}-v{CACHE_VERSION}" / key[:2] / f"{key}.pt"
 
     def load(self, kind: str, key: str):
         """The cached value, or None when absent or unreadable (a damaged entry is removed)."""
+        if (queued := self._in_flight.get((kind, key))) is not None:
+            return queued
         path = self._path(kind, key)
         try:
             value = torch.load(path, map_location="cpu", weights_only=True)
@@ -80,6 +104,7 @@ class DiskCache:
 
     def evict(self) -> int:
         """Delete least recently used entries until the cache fits its bound; returns bytes freed."""
+        self.flush()
         if not self.root.is_dir():
             return 0
         now, entries, freed = time.time(), [], 0

@@ -130,3 +130,11 @@ def test_second_run_reuses_features_and_gives_identical_results(tmp_path, monkey
     reference = run(uncached, tmp_path / "c")
     for key in ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO"):
         assert first[key] == second[key] == pytest.approx(reference[key], abs=1e-6)
+
+
+def test_background_writes_are_readable_at_once_and_land_after_flush(tmp_path):
+    cache = DiskCache(tmp_path)
+    cache.save_async("features", "ab99", torch.ones(3))
+    assert torch.equal(cache.load("features", "ab99"), torch.ones(3))
+    cache.flush()
+    assert torch.equal(DiskCache(tmp_path).load("features", "ab99"), torch.ones(3))

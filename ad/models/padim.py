@@ -93,7 +93,7 @@ class Padim(AnomalyModel):
                 s2 = x.new_zeros(shift.shape + shift.shape[-1:])
             d = (x - shift).transpose(0, 1).contiguous()  # (P, B, C): one GEMM per position, no copies
             s1 += d.sum(1)
-            s2 += torch.bmm(d.transpose(1, 2), d)
+            torch.baddbmm(s2, d.transpose(1, 2), d, out=s2)  # accumulate in place: no (P, C, C) temporary
             count += x.shape[0]
         if count < 2:
             raise ADError(f"dataset: PaDiM needs at least 2 training images, got {count}")
