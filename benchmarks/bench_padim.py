@@ -16,9 +16,9 @@ run through:
 Each timing is repeated (``--repeat``) and the minimum is kept: on a shared machine the minimum is
 the figure least disturbed by other work; the columns (floors included) are interleaved within each
 repetition so that background load hits them alike. ``ad`` runs get a fresh ``$AD_CACHE_DIR`` (cold:
-nothing decoded or extracted before), plus a warm re-run on that cache. Nothing is downloaded: both libraries get the same
-randomly initialised resnet18 weights from one local file (``--weights random`` gives each its own
-random init instead).
+nothing decoded or extracted before), plus a warm re-run on that cache. Nothing is downloaded: both
+libraries get the same randomly initialised resnet18 weights from one local file (``--weights random``
+gives each its own random init instead).
 
     python benchmarks/bench_padim.py --quick
     python benchmarks/bench_padim.py --anomalib-python /tmp/anomalib-venv/bin/python --out bench.json
