@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class DiskCache:
         """Write atomically: temp file in the same folder, then rename over the final name."""
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer, threads included
         try:
             torch.save(value, tmp)
             os.replace(tmp, path)
