@@ -8,8 +8,7 @@ score is the map's maximum. Matches anomalib's PaDiM, vectorised over positions.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,24 +17,13 @@ from ad.backbone import FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.postprocess import MapSmoother, max_score
+from ad.threads import single_threaded
 
 #: Channels kept by the paper for its two backbones; other backbones must set model.n_features.
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
 #: Covariance regularisers: the paper's 0.01·I, plus anomalib's 1e-5·I before inversion.
 COV_EPS = 0.01
 INV_EPS = 1e-5
-
-
-@contextlib.contextmanager
-def single_threaded(device: torch.device) -> Iterator[None]:
-    """One CPU thread for batches of small LAPACK factorisations, which OpenMP slows down up to 10x."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Padim(AnomalyModel):

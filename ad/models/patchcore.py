@@ -10,7 +10,6 @@ isolated its nearest bank entry is (the paper's eq. 7, as anomalib computes it).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Iterable
@@ -23,6 +22,7 @@ from ad.backbone import FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.postprocess import MapSmoother
+from ad.threads import single_threaded
 
 #: Johnson-Lindenstrauss distortion anomalib uses to size its coreset projection (projection_dim: null).
 JL_EPS = 0.9
@@ -136,28 +136,13 @@ def k_center_greedy(features: torch.Tensor, k: int, start: int, exhaustive: bool
     state = FarthestFirst(features, k, exhaustive)
     chosen = torch.empty(k, dtype=torch.long, device=features.device)
     idx = torch.tensor([start], device=features.device)
-    with single_thread(features.device):
+    with single_threaded(features.device):
         for i in range(k):
             chosen[i:i + 1] = idx
             if i < k - 1:
                 state.add(idx)
                 idx = state.farthest()
     return chosen
-
-
-@contextlib.contextmanager
-def single_thread(device: torch.device):
-    """One CPU thread for a chain of thousands of small ops: OpenMP's fork/join would cost more (and
-    far more on shared cores, where a descheduled thread stalls every op)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-        faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(threads)
 
 
 def as_patches(embedding: torch.Tensor) -> torch.Tensor:
