@@ -173,8 +173,7 @@ class FeatureExtractor(nn.Module):
         self._identity: str | None = None
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        return {**state, "cache": None, "_identity": None}
+        return {**super().__getstate__(), "cache": None, "_identity": None}
 
     def identity(self) -> str:
         """Hash of everything that determines the features besides the input: weights, layers, numerics."""
