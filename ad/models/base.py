@@ -40,3 +40,38 @@ class AnomalyModel(nn.Module):
         """Where the backbone weights came from (imagenet, file, random), or 'none' without a backbone."""
         sources = sorted({m.weights_source for m in self.modules() if isinstance(m, FeatureExtractor)})
         return "+".join(sources) if sources else "none"
+
+
+class TrainableModel(AnomalyModel):
+    """A method learned by gradient descent; ``ad.trainer.Trainer`` runs its epochs.
+
+    A subclass says how to compute its losses (``training_step``) and which optimisers to use
+    (``configure_optimizers``); the trainer owns the loop, devices, mixed precision, checkpoints,
+    resumption and logging, so each method file holds only the method. Methods with several
+    optimisers (GANomaly) or several updates per batch (CFlow) override ``optimization_step``.
+    """
+
+    #: Epochs when ``trainer.max_epochs`` is null: the count anomalib's example config uses.
+    default_epochs: int = 1
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimisers, each over the parameters it updates (frozen backbones excluded)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Losses for one training batch; ``loss`` is the one the default update minimises."""
+        raise NotImplementedError
+
+    def optimization_step(self, batch: dict, optimizers: list[torch.optim.Optimizer], step) -> dict[str, float]:
+        """One update on one batch: by default minimise ``training_step(batch)['loss']`` with the first optimiser.
+
+        ``step(loss, optimizer)`` is the trainer's update: it checks the loss is finite, zeroes the
+        gradients, back-propagates (with gradient scaling under fp16) and steps the optimiser.
+        Returns the losses as floats for the progress bar and the per-epoch log.
+        """
+        losses = self.training_step(batch)
+        step(losses["loss"], optimizers[0])
+        return {name: float(value.detach()) for name, value in losses.items()}
+
+    def fit(self, batches, device: torch.device) -> None:
+        raise TypeError(f"{type(self).__name__} is trained by ad.trainer.Trainer, not fit() in one pass")
