@@ -73,5 +73,14 @@ class TrainableModel(AnomalyModel):
         step(losses["loss"], optimizers[0])
         return {name: float(value.detach()) for name, value in losses.items()}
 
+    @torch.no_grad()
+    def on_train_end(self, batches: Iterable[dict], device: torch.device) -> None:
+        """Called once after the last epoch, in eval mode, with the training batches.
+
+        For statistics of the trained model over the training set that scoring needs (CFlow records
+        its per-layer maximum log-likelihood here, so a score never depends on its test batch).
+        Default: nothing.
+        """
+
     def fit(self, batches, device: torch.device) -> None:
         raise TypeError(f"{type(self).__name__} is trained by ad.trainer.Trainer, not fit() in one pass")
