@@ -31,6 +31,7 @@ from ad.data import denormalize
 from ad.errors import ADError
 from ad.metrics import compute_metrics
 from ad.models import AnomalyModel
+from ad.sweep import sweep_tags
 from ad.visualize import overlay_panel, pick_examples
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     category = str(cfg.dataset.get("category", dataset_name))
     tracker = build(cfg.tracking, "tracking")
     tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
-            "ad.category": category}
+            "ad.category": category, **sweep_tags()}
     tracker.start(cfg, run_dir, run_name=f"{model_name}-{dataset_name}-{category}", tags=tags)
     try:
         device = resolve_device(cfg.trainer.device)

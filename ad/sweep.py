@@ -1,0 +1,110 @@
+"""Sweeps that survive failures: each job records its own outcome, the launching process sums them up.
+
+A Hydra launcher (basic, joblib, submitit) stops a sweep as soon as one job raises, so in a multirun
+``ad.launch`` catches a job's error, writes it to ``failure.json`` in the job's folder and returns
+normally; :class:`SweepCallback` remembers the sweep folder, and :func:`summarize` reads every job's
+outcome from it at the end. Files, not return values, because joblib and SLURM jobs run elsewhere
+and a job killed by the OS returns nothing at all; the sweep folder is shared by every launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+#: MLflow tag holding the sweep id (the sweep folder's name): group or filter by it in the UI.
+SWEEP_TAG = "ad.sweep"
+FAILURE_FILE = "failure.json"
+RESULT_FILE = "metrics.json"
+
+#: Sweep folder of the multirun started in this process, set by :class:`SweepCallback`.
+_current_sweep_dir: Path | None = None
+
+
+def in_multirun() -> bool:
+    """Whether this process runs one job of a Hydra multirun (``-m`` or ``hydra.mode=MULTIRUN``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_tags() -> dict[str, str]:
+    """Tags tying a job's MLflow run to its sweep (id, folder, job number); empty for a single run."""
+    if not in_multirun():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.sweep.dir).resolve()
+    return {SWEEP_TAG: sweep_dir.name, "ad.sweep_dir": str(sweep_dir), "ad.job": str(hydra_cfg.job.num)}
+
+
+def record_failure(job_dir: Path, error: str) -> None:
+    """Write a failed job's error beside its config, atomically, for :func:`summarize` to find."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir / f"{FAILURE_FILE}.tmp"
+    tmp.write_text(json.dumps({"error": error}) + "\n")
+    os.replace(tmp, job_dir / FAILURE_FILE)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How one job of a sweep ended, read back from its folder."""
+
+    num: int
+    overrides: str
+    status: str  # FINISHED, FAILED, or NO RESULT (killed, or still running)
+    error: str = ""
+
+    def line(self) -> str:
+        """One line for the end-of-sweep summary."""
+        detail = f": {self.error}" if self.error else ""
+        return f"  job {self.num} [{self.overrides}] {self.status}{detail}"
+
+
+def job_outcome(job_dir: Path) -> JobOutcome:
+    """The outcome of the job whose Hydra output folder is ``job_dir``."""
+    hydra_cfg = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra
+    overrides = " ".join(str(o) for o in hydra_cfg.overrides.task)
+    num = int(hydra_cfg.job.get("num", -1))
+    if (job_dir / FAILURE_FILE).is_file():
+        error = json.loads((job_dir / FAILURE_FILE).read_text())["error"]
+        return JobOutcome(num, overrides, "FAILED", error)
+    if (job_dir / RESULT_FILE).is_file():
+        return JobOutcome(num, overrides, "FINISHED")
+    return JobOutcome(num, overrides, "NO RESULT", "the job ended without results (killed by the OS or the scheduler?)")
+
+
+def collect(sweep_dir: Path) -> list[JobOutcome]:
+    """Every job of a sweep, in job order, found by the ``.hydra`` folder Hydra writes for each."""
+    jobs = [job_outcome(hydra_dir.parent) for hydra_dir in Path(sweep_dir).rglob(".hydra")
+            if (hydra_dir / "hydra.yaml").is_file()]
+    return sorted(jobs, key=lambda job: job.num)
+
+
+def summarize(sweep_dir: Path) -> tuple[str, int]:
+    """The end-of-sweep report (a count, then one line per failed job) and the number of failures."""
+    jobs = collect(sweep_dir)
+    failed = [job for job in jobs if job.status != "FINISHED"]
+    head = f"sweep {Path(sweep_dir).name}: {len(jobs) - len(failed)} of {len(jobs)} jobs finished"
+    if not failed:
+        return f"{head} ({sweep_dir})", 0
+    lines = [f"{head}, {len(failed)} failed ({sweep_dir}):", *(job.line() for job in failed)]
+    return "\n".join(lines), len(failed)
+
+
+def current_sweep_dir() -> Path | None:
+    """The folder of the multirun this process launched, once :class:`SweepCallback` has seen it start."""
+    return _current_sweep_dir
+
+
+class SweepCallback(Callback):
+    """Hydra callback (``hydra.callbacks.sweep`` in ``conf/config.yaml``) noting where a multirun writes."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """Runs in the launching process before any job: remember the sweep folder for the summary."""
+        global _current_sweep_dir
+        _current_sweep_dir = Path(config.hydra.sweep.dir).resolve()
