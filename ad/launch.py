@@ -2,11 +2,13 @@
 
 Exit codes: 0 success, 1 a run failed (bad data, bad settings: one ``error:`` line on stderr),
 2 the overrides themselves are wrong (unknown key or option, caught before anything runs).
+A sweep (``-m``) runs every job even when some fail, then lists the failed ones and exits 1.
 """
 
 from __future__ import annotations
 
 import difflib
+import itertools
 import logging
 import re
 import sys
@@ -17,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ad.errors import ADError
+from ad.sweep import current_sweep_dir, in_multirun, record_failure, summarize
 
 log = logging.getLogger("ad")
 
@@ -79,6 +82,102 @@ def check_overrides(overrides: list[str]) -> None:
             sys.exit(2)
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+ALL_CATEGORIES = "dataset.category=all"
+
+
+def parse_overrides(overrides: list[str]) -> list:
+    """Hydra's own parse of the overrides (sweeps included), inside a Hydra context."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(overrides)
+
+
+def sweep_combinations(overrides: list[str]) -> list[list[str]]:
+    """The jobs worth composing to check a sweep: every combination of swept groups (``model=a,b``).
+
+    A swept plain key (``dataset.category=a,b``) takes only its first value: values don't change
+    which keys exist, so checking all of them would only multiply the (0.1 s) compositions.
+    """
+    fixed, groups = [], []
+    for override in parse_overrides(overrides):
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+            continue
+        key = override.get_key_element()
+        if override.is_discrete_sweep():
+            values = list(override.sweep_string_iterator())
+        else:  # interval(): Optuna's search space; its lower end stands for it
+            values = [str(override.value().start)]
+        lines = [f"{key}={value}" for value in values]
+        is_group = "/" in key or "." not in key  # model=, hydra/launcher=, seed=
+        (groups.append(lines) if is_group else fixed.append(lines[0]))
+    return [fixed + list(combo) for combo in itertools.product(*groups)]
+
+
+def check_sweep(overrides: list[str]) -> None:
+    """Compose each combination of a multirun up front: a typo exits with one line naming the key."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        try:
+            combinations = sweep_combinations(overrides)
+        except (HydraException, OmegaConfBaseException, ValueError) as exc:
+            print(f"error: {explain_override_error(exc, overrides)}", file=sys.stderr)
+            sys.exit(2)
+        failed: dict[str, list[str]] = {}  # what is wrong -> the swept values of the jobs it concerns
+        messages: dict[str, str] = {}  # what is wrong -> the first full message (with its hint)
+        for combo in combinations:
+            try:
+                cfg = hydra.compose("config", overrides=combo, return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException, ValueError) as exc:
+                message = explain_override_error(exc, combo)
+                problem = message.split(";")[0]
+                messages.setdefault(problem, message)
+                failed.setdefault(problem, []).append(" ".join(o for o in combo if o not in overrides))
+                continue
+            ranges = [o for o in overrides if "interval(" in o]
+            if ranges and cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
+                print(f"error: {ranges[0]}: interval() is a search space for the Optuna sweeper; "
+                      "add hydra/sweeper=optuna, or list the values (a,b,c)", file=sys.stderr)
+                sys.exit(2)
+        if failed:
+            problem, jobs = next(iter(failed.items()))
+            where = f" (in the jobs with {'; '.join(jobs)})" if len(jobs) < len(combinations) else ""
+            print(f"error: {messages[problem]}{where}", file=sys.stderr)
+            sys.exit(2)
+
+
+def quote(value: str) -> str:
+    """A category name as a Hydra override value: quoted unless it is a plain name (BTAD's 01 stays a string)."""
+    return value if re.fullmatch(r"[A-Za-z_][\w-]*", value) else "'" + value.replace("'", "\\'") + "'"
+
+
+def expand_all_categories(args: list[str]) -> list[str]:
+    """Rewrite ``dataset.category=all`` into a sweep over the dataset's ``categories`` list."""
+    if ALL_CATEGORIES not in args:
+        return args
+    if not any(arg in MULTIRUN_FLAGS for arg in args):
+        raise ADError(f"{ALL_CATEGORIES} runs one job per category: add -m (multirun)")
+    others = [arg for arg in args if not arg.startswith("-") and arg != ALL_CATEGORIES]
+    with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        parsed = parse_overrides(others)
+        if any(o.key_or_group == "dataset" and o.is_sweep_override() for o in parsed):
+            raise ADError(f"{ALL_CATEGORIES}: the sweep has several datasets, whose categories differ; "
+                          "run one sweep per dataset")
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        cfg = hydra.compose("config", overrides=fixed, return_hydra_config=True)
+    categories = cfg.dataset.get("categories")
+    name = cfg.hydra.runtime.choices.dataset
+    if not categories:
+        raise ADError(f"{ALL_CATEGORIES}: dataset={name} has no dataset.categories list; "
+                      "name the categories instead: dataset.category=a,b,c")
+    sweep = "dataset.category=" + ",".join(quote(str(c)) for c in categories)
+    return [sweep if arg == ALL_CATEGORIES else arg for arg in args]
+
+
 def one_line(exc: ADError) -> str:
     """The user-facing line of an error, also when a DataLoader worker wrapped it in its traceback."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
@@ -91,21 +190,60 @@ def one_line(exc: ADError) -> str:
 def _hydra_main(cfg: DictConfig) -> float | None:
     from ad.run import run  # heavy imports (torch, mlflow) only once the config is known to be valid
 
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ADError as exc:
-        log.debug("run failed", exc_info=True)
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        results = run(cfg, output_dir)
+    except Exception as exc:
+        if not in_multirun():
+            if not isinstance(exc, ADError):
+                raise
+            log.debug("run failed", exc_info=True)
+            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        # In a sweep, a raising job would stop the launcher: record the failure and let the others run.
+        if isinstance(exc, ADError):
+            message = one_line(exc)
+            log.debug("job failed", exc_info=True)
+        else:
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+            log.exception("job failed")  # the traceback goes to the job's log file too
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        record_failure(output_dir, message)
+        return None  # Optuna counts a None as a failed trial and goes on
     return results.get(cfg.get("optimized_metric", "image_AUROC"))
+
+
+def report_sweep() -> int:
+    """Print how the sweep this process launched ended (one line per failed job); return the failure count."""
+    sweep_dir = current_sweep_dir()
+    if sweep_dir is None or not sweep_dir.is_dir():
+        return 0
+    summary, failures = summarize(sweep_dir)
+    print(summary, file=sys.stderr if failures else sys.stdout, flush=True)
+    return failures
 
 
 def main() -> None:
     """Entry point for ``python -m ad.launch`` and the ``ad`` console script."""
-    args = sys.argv[1:]
-    if not any(arg.startswith("-") for arg in args):  # plain single runs; flags (-m, --cfg...) go straight to Hydra
+    try:
+        args = expand_all_categories(sys.argv[1:])
+    except ADError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    flags = [arg for arg in args if arg.startswith("-")]
+    if not flags:  # plain single runs; other flags (--cfg, -cd...) go straight to Hydra
         check_overrides(args)
-    _hydra_main()
+    elif all(flag in MULTIRUN_FLAGS for flag in flags):
+        check_sweep([arg for arg in args if arg not in MULTIRUN_FLAGS])
+    sys.argv[1:] = args
+    code = 0
+    try:
+        _hydra_main()
+    except SystemExit as exc:  # e.g. Hydra reporting a launcher that gave up
+        code = exc.code
+    failures = report_sweep()
+    if code or failures:
+        sys.exit(code or 1)
 
 
 if __name__ == "__main__":

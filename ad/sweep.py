@@ -55,20 +55,21 @@ class JobOutcome:
     """How one job of a sweep ended, read back from its folder."""
 
     num: int
-    overrides: str
+    overrides: tuple[str, ...]
     status: str  # FINISHED, FAILED, or NO RESULT (killed, or still running)
     error: str = ""
 
-    def line(self) -> str:
-        """One line for the end-of-sweep summary."""
+    def line(self, shared: frozenset[str] = frozenset()) -> str:
+        """One line for the end-of-sweep summary, naming the job by the overrides not ``shared`` by all jobs."""
+        own = " ".join(o for o in self.overrides if o not in shared)
         detail = f": {self.error}" if self.error else ""
-        return f"  job {self.num} [{self.overrides}] {self.status}{detail}"
+        return f"  job {self.num} [{own}] {self.status}{detail}"
 
 
 def job_outcome(job_dir: Path) -> JobOutcome:
     """The outcome of the job whose Hydra output folder is ``job_dir``."""
     hydra_cfg = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra
-    overrides = " ".join(str(o) for o in hydra_cfg.overrides.task)
+    overrides = tuple(str(o) for o in hydra_cfg.overrides.task)
     num = int(hydra_cfg.job.get("num", -1))
     if (job_dir / FAILURE_FILE).is_file():
         error = json.loads((job_dir / FAILURE_FILE).read_text())["error"]
@@ -92,7 +93,8 @@ def summarize(sweep_dir: Path) -> tuple[str, int]:
     head = f"sweep {Path(sweep_dir).name}: {len(jobs) - len(failed)} of {len(jobs)} jobs finished"
     if not failed:
         return f"{head} ({sweep_dir})", 0
-    lines = [f"{head}, {len(failed)} failed ({sweep_dir}):", *(job.line() for job in failed)]
+    shared = frozenset.intersection(*(frozenset(job.overrides) for job in jobs)) if len(jobs) > 1 else frozenset()
+    lines = [f"{head}, {len(failed)} failed ({sweep_dir}):", *(job.line(shared) for job in failed)]
     return "\n".join(lines), len(failed)
 
 
