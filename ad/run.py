@@ -31,7 +31,10 @@ from ad.data import denormalize
 from ad.errors import ADError
 from ad.metrics import compute_metrics
 from ad.models import AnomalyModel
+from ad.models.base import TrainableModel
 from ad.sweep import sweep_tags
+from ad.tracking import BackgroundTracker
+from ad.trainer import Trainer, checkpoint_run_id, find_checkpoint
 from ad.visualize import overlay_panel, pick_examples
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,31 @@ def score(model: AnomalyModel, loader: DataLoader, device: torch.device, keep_ma
     )
 
 
+def evaluate(model: AnomalyModel, loader: DataLoader, device: torch.device, keep_maps: bool) -> dict:
+    """Score the test split and compute its metrics."""
+    outputs = score(model, loader, device, keep_maps)
+    return compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch.dtype | None, tracker,
+                 resume_from: Path | None) -> Trainer:
+    """The trainer of gradient-trained methods, from the ``trainer`` config group."""
+    settings = cfg.trainer
+    return Trainer(
+        run_dir, device, dtype, tracker, max_epochs=settings.get("max_epochs"), batch_size=int(settings.batch_size),
+        num_workers=int(settings.num_workers), seed=int(cfg.seed), eval_every=settings.get("eval_every"),
+        monitor=settings.get("monitor"), checkpoint_every=settings.get("checkpoint_every", 1),
+        resume_from=resume_from,
+    )
+
+
+def is_multirun() -> bool:
+    """True inside a Hydra sweep job (whose sibling folders are other jobs, never earlier runs of this one)."""
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write atomically (temp file + rename): a reader never sees a half-written file."""
     tmp = path.with_suffix(".json.tmp")
@@ -169,10 +197,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     choices = choice_names(cfg)
     model_name, dataset_name = choices["model"], choices["dataset"]
     category = str(cfg.dataset.get("category", dataset_name))
-    tracker = build(cfg.tracking, "tracking")
+    tracker = BackgroundTracker(build(cfg.tracking, "tracking"))  # tracking overlaps the work
     tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
             "ad.category": category, **sweep_tags()}
-    tracker.start(cfg, run_dir, run_name=f"{model_name}-{dataset_name}-{category}", tags=tags)
+    resume_from = find_checkpoint(cfg.trainer.get("resume"), run_dir, model_name, search_siblings=not is_multirun())
+    tracker.start(cfg, run_dir, run_name=f"{model_name}-{dataset_name}-{category}", tags=tags,
+                  resume_run_id=checkpoint_run_id(resume_from) if resume_from else None)
     try:
         device = resolve_device(cfg.trainer.device)
         dtype = resolve_precision(cfg.trainer.precision, device)
@@ -188,12 +218,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                  len(dataset.train), len(dataset.test), device, precision)
 
         start = time.perf_counter()
-        model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
+        keep_maps = model.produces_maps and dataset.has_masks
+        test_loader = make_loader(dataset.test_set(cache), cfg.trainer, device)
+        trained = {}
+        if isinstance(model, TrainableModel):
+            trainer = make_trainer(cfg, run_dir, device, dtype, tracker, resume_from)
+            trainer.fit(model, dataset.train_set(cache), lambda: evaluate(model, test_loader, device, keep_maps))
+            trained = {"epochs": trainer.epochs}
+        elif resume_from is not None:
+            raise ADError(f"trainer.resume: {model_name} is fitted in one pass, not trained in epochs; drop it")
+        else:
+            model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
         fit_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        keep_maps = model.produces_maps and dataset.has_masks
-        outputs = score(model, make_loader(dataset.test_set(cache), cfg.trainer, device), device, keep_maps)
+        outputs = score(model, test_loader, device, keep_maps)
         metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
         test_s = time.perf_counter() - start
 
@@ -202,7 +241,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "model": model_name, "backbone": cfg.backbone.name, "weights_tag": cfg.backbone.get("tag"),
             "dataset": dataset_name, "category": category, "image_size": dataset.image_size,
             "n_train": len(dataset.train), "n_test": len(dataset.test), "device": str(device),
-            "precision": precision, "seed": int(cfg.seed), "ad_version": ad.__version__,
+            "precision": precision, "seed": int(cfg.seed), "ad_version": ad.__version__, **trained,
         }
         write_json(run_dir / "metrics.json", results)
         tracker.set_tags({"ad.weights": model.weights_source})
@@ -210,6 +249,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.log_artifact(run_dir / "metrics.json")
         log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)
         tracker.log_model(model.cpu())
+        tracker.wait()
         if cache is not None:
             cache.evict()
     except KeyboardInterrupt:

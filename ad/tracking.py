@@ -7,6 +7,7 @@ MLflow is imported lazily so that ``tracking=none`` works without it.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from omegaconf import DictConfig
 
-__all__ = ["MLflowTracker", "NullTracker", "Tracker", "flatten_config", "resolve_tracking_uri"]
+__all__ = ["BackgroundTracker", "MLflowTracker", "NullTracker", "Tracker", "flatten_config", "resolve_tracking_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ class Tracker:
     run_id: str | None = None
     num_images: int = 0  # how many anomaly-map panels the orchestrator should render and log
 
-    def start(self, cfg: DictConfig, run_dir: Path, run_name: str, tags: dict[str, str]) -> None:
-        """Open a run for one job."""
+    def start(
+        self, cfg: DictConfig, run_dir: Path, run_name: str, tags: dict[str, str], resume_run_id: str | None = None
+    ) -> None:
+        """Open a run for one job (or reopen ``resume_run_id``, a run a resumed training began)."""
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Attach string tags to the run (e.g. ``ad.weights``)."""
@@ -57,6 +60,12 @@ class Tracker:
 
     def log_model(self, model: torch.nn.Module, name: str = "model") -> None:
         """Store the fitted model."""
+
+    def prepare(self) -> None:
+        """Warm up what later logging needs (called on a background thread while the job runs)."""
+
+    def wait(self) -> None:
+        """Block until everything logged so far is stored (trackers that log in the background)."""
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Close the run; never raises and may be called repeatedly."""
@@ -209,12 +218,20 @@ class MLflowTracker(Tracker):
         self.save_model = bool(log_model)  # not `self.log_model`: that would hide the method
         self.num_images = int(num_images)
         self.run_id: str | None = None
+        self.parent_run_id: str | None = None  # set when the caller's active run lives on another thread
         self._uri: str | None = None  # resolved at start()
 
     # -- run lifecycle -------------------------------------------------------------------------
 
-    def start(self, cfg: DictConfig, run_dir: Path, run_name: str, tags: dict[str, str]) -> None:
-        """Open an MLflow run and log the config (params, YAML) and Hydra's ``.hydra`` folder."""
+    def start(
+        self, cfg: DictConfig, run_dir: Path, run_name: str, tags: dict[str, str], resume_run_id: str | None = None
+    ) -> None:
+        """Open an MLflow run and log the config (params, YAML) and Hydra's ``.hydra`` folder.
+
+        With ``resume_run_id`` (a training resumed from its checkpoint) that run is reopened instead,
+        so its per-epoch metrics continue; its params are left as first logged (MLflow forbids
+        changing them), the config YAML and ``.hydra`` artifacts are replaced by the resumed job's.
+        """
         import mlflow
 
         quiet_mlflow_logs()
@@ -225,15 +242,23 @@ class MLflowTracker(Tracker):
         mlflow.set_tracking_uri(self._uri)
         run_tags = {**{str(k): str(v) for k, v in (tags or {}).items()}, "ad.version": __version__}
         run_tags.setdefault("ad.run_dir", str(Path(run_dir).resolve()))
-        run = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=run_name,
-            tags=run_tags,
-            nested=mlflow.active_run() is not None,  # e.g. under a sweep's parent run
-        )
+        active = mlflow.active_run()  # e.g. a sweep's parent run
+        parent = self.parent_run_id or (active.info.run_id if active is not None else None)
+        resume = resume_run_id if resume_run_id and self._resumable(resume_run_id) else None
+        if resume is not None:
+            run_tags["ad.resumed"] = "true"
+            run = mlflow.start_run(run_id=resume, tags=run_tags, nested=parent is not None)
+        else:
+            run = mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=run_name,
+                tags=run_tags,
+                nested=parent is not None,
+                parent_run_id=parent,
+            )
         self.run_id = run.info.run_id
         try:
-            self._log_config(cfg)
+            self._log_config(cfg, params=resume is None)
             hydra_dir = Path(run_dir) / ".hydra"
             if hydra_dir.is_dir():
                 self._client().log_artifacts(self.run_id, str(hydra_dir), "hydra")
@@ -306,6 +331,23 @@ class MLflowTracker(Tracker):
             raise ValueError(f"log_image expects uint8 HxWx3, got {image.dtype} {image.shape}")
         self._client().log_image(run_id, image, artifact_file=name)
 
+    def prepare(self) -> None:
+        """Import MLflow's model flavour and build its installed-package map ahead of ``log_model``.
+
+        MLflow checks a logged model's requirements against the environment by scanning every
+        installed distribution (seconds); doing it here, on the background thread while the job
+        fits, takes it off the end of the run. A private MLflow helper, so failures are ignored.
+        """
+        if not self.save_model:
+            return
+        try:
+            from mlflow.utils import requirements_utils
+
+            pinned_requirements()
+            requirements_utils._init_packages_to_modules_map()
+        except Exception as exc:  # only a warm-up: log_model works without it
+            log.debug("MLflow requirement warm-up skipped: %s", exc)
+
     def log_model(self, model: torch.nn.Module, name: str = "model") -> None:
         """Log the model as an MLflow ``pytorch`` model (pickled) if ``log_model`` is enabled.
 
@@ -338,6 +380,20 @@ class MLflowTracker(Tracker):
         from mlflow import MlflowClient
 
         return MlflowClient(self._uri)
+
+    def _resumable(self, run_id: str) -> bool:
+        """Whether ``run_id`` exists in this store and is not deleted; otherwise warn (a new run starts)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client().get_run(run_id)
+        except MlflowException:
+            log.warning("MLflow run %s of the checkpoint is not in %s: logging to a new run", run_id, self._uri)
+            return False
+        if run.info.lifecycle_stage == "deleted":
+            log.warning("MLflow run %s of the checkpoint is deleted: logging to a new run", run_id)
+            return False
+        return True
 
     def _require_run(self) -> str:
         """Return the active run id, or raise if :meth:`start` was not called."""
@@ -383,17 +439,18 @@ class MLflowTracker(Tracker):
             )
         return experiment.experiment_id
 
-    def _log_config(self, cfg: DictConfig) -> None:
-        """Log the resolved config as dotted params, choices as ``choice.*``, and as YAML."""
+    def _log_config(self, cfg: DictConfig, params: bool = True) -> None:
+        """Log the resolved config as YAML and (unless ``params`` is false) as dotted params and ``choice.*``."""
         from mlflow.entities import Param
         from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
         from omegaconf import OmegaConf
 
         container = config_container(cfg)
-        params = flatten_config(container)
-        params.update({f"choice.{k}": v for k, v in hydra_choices(cfg).items()})
+        flat = {}
+        if params:
+            flat = {**flatten_config(container), **{f"choice.{k}": v for k, v in hydra_choices(cfg).items()}}
         batch = []
-        for key, value in params.items():
+        for key, value in flat.items():
             if len(key) > MAX_ENTITY_KEY_LENGTH:
                 log.warning("Config key too long for an MLflow param, not logged: %s", key)
                 continue
@@ -426,3 +483,80 @@ def max_batch() -> int:
 def chunks(items: list, size: int) -> list[list]:
     """Split ``items`` into consecutive lists of at most ``size``."""
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class BackgroundTracker(Tracker):
+    """Runs another tracker's calls in order on one background thread, so tracking overlaps the work.
+
+    Opening MLflow's store (imports, schema check) and logging a model cost several seconds of
+    Python that need not hold up fitting and scoring. Calls return at once; a failed call is
+    re-raised on the next call or by :meth:`wait`, and :meth:`end` waits for everything queued.
+    MLflow's fluent run stack is per thread, so every call to the wrapped tracker runs on the
+    same single worker thread.
+    """
+
+    def __init__(self, inner: Tracker) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.inner = inner
+        self.num_images = inner.num_images
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracker")
+        self._pending: list = []
+
+    @property
+    def run_id(self) -> str | None:
+        """The wrapped tracker's run id, once its start has gone through."""
+        self.wait()
+        return self.inner.run_id
+
+    def _submit(self, method: str, *args, **kwargs) -> None:
+        self._raise_failures(block=False)
+        self._pending.append(self._pool.submit(getattr(self.inner, method), *args, **kwargs))
+
+    def _raise_failures(self, block: bool) -> None:
+        """Re-raise the first failed call (waiting for all of them when ``block``)."""
+        if block:
+            for future in self._pending:
+                future.exception()
+        for future in self._pending:
+            if future.done() and future.exception() is not None:
+                self._pending = []
+                raise future.exception()
+        self._pending = [future for future in self._pending if not future.done()]
+
+    def wait(self) -> None:
+        """Block until every queued call has run; re-raise the first one that failed."""
+        self._raise_failures(block=True)
+
+    def start(self, cfg: DictConfig, run_dir: Path, run_name: str, tags: dict[str, str], **kwargs) -> None:
+        mlflow = sys.modules.get("mlflow")  # a caller's active run lives on the caller's thread
+        active = mlflow.active_run() if mlflow is not None else None
+        if active is not None and hasattr(self.inner, "parent_run_id"):
+            self.inner.parent_run_id = active.info.run_id
+        self._submit("start", cfg, run_dir, run_name, tags, **kwargs)
+        self._submit("prepare")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._submit("set_tags", dict(tags))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._submit("log_metrics", dict(metrics), step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._submit("log_artifact", path, artifact_path)
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        self._submit("log_image", image, name)
+
+    def log_model(self, model: torch.nn.Module, name: str = "model") -> None:
+        self._submit("log_model", model, name)
+
+    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """Finish whatever is queued, then end the run; a queued failure turns FINISHED into FAILED."""
+        for future in self._pending:
+            failure = future.exception()
+            if failure is not None and status == "FINISHED":
+                status, error = "FAILED", f"{type(failure).__name__}: {failure}"
+        self._pending = []
+        self._pool.submit(self.inner.end, status, error).result()
+        self._pool.shutdown(wait=True)

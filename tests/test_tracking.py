@@ -310,3 +310,81 @@ def test_tracking_configs_instantiate():
     assert isinstance(tracker, MLflowTracker)
     assert tracker.uri is None and tracker.experiment == "ad"
     assert tracker.save_model is True and tracker.num_images == 8 and tracker.run_id is None
+
+
+class Recorder(Tracker):
+    """Records the calls it gets and the thread they ran on; fails on request."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls, self.threads, self.fail_on = [], set(), fail_on
+        self.ended: tuple | None = None
+
+    def _record(self, name: str, *args) -> None:
+        import threading
+
+        self.threads.add(threading.get_ident())
+        self.calls.append((name, *args))
+        if name == self.fail_on:
+            raise RuntimeError(f"{name} failed")
+
+    def start(self, cfg, run_dir, run_name, tags):
+        self._record("start", run_name)
+
+    def log_metrics(self, metrics, step=None):
+        self._record("log_metrics", metrics, step)
+
+    def end(self, status="FINISHED", error=None):
+        self.ended = (status, error)
+
+
+def test_background_tracker_keeps_order_on_one_thread():
+    import threading
+
+    from ad.tracking import BackgroundTracker
+
+    inner = Recorder()
+    tracker = BackgroundTracker(inner)
+    tracker.start(make_cfg(), Path("."), "r", {})
+    for step in range(20):
+        tracker.log_metrics({"loss": step}, step)
+    tracker.end("FINISHED")
+    assert [c[0] for c in inner.calls] == ["start"] + ["log_metrics"] * 20
+    assert [c[2] for c in inner.calls[1:]] == list(range(20))
+    assert len(inner.threads) == 1 and threading.get_ident() not in inner.threads
+    assert inner.ended == ("FINISHED", None)
+
+
+def test_background_tracker_reports_a_failed_call():
+    from ad.tracking import BackgroundTracker
+
+    inner = Recorder(fail_on="log_metrics")
+    tracker = BackgroundTracker(inner)
+    tracker.start(make_cfg(), Path("."), "r", {})
+    tracker.log_metrics({"a": 1.0})
+    with pytest.raises(RuntimeError, match="log_metrics failed"):
+        tracker.wait()
+    tracker.end("FINISHED")
+    assert inner.ended == ("FINISHED", None)  # the failure was already raised to the caller
+
+    inner = Recorder(fail_on="log_metrics")
+    tracker = BackgroundTracker(inner)
+    tracker.log_metrics({"a": 1.0})
+    tracker.end("FINISHED")  # not waited for: the run must not end as FINISHED
+    assert inner.ended == ("FAILED", "RuntimeError: log_metrics failed")
+
+
+def test_background_mlflow_run_nests_under_the_callers_active_run(tracking_uri, tmp_path):
+    from ad.tracking import BackgroundTracker
+
+    mlflow.set_tracking_uri(tracking_uri)
+    parent = mlflow.start_run(run_name="sweep")
+    tracker = BackgroundTracker(MLflowTracker(uri=tracking_uri))
+    tracker.start(make_cfg(), tmp_path, "child", {})
+    tracker.log_metrics({"image_AUROC": 0.9})
+    child_id = tracker.run_id
+    tracker.end()
+    assert mlflow.active_run().info.run_id == parent.info.run_id
+    mlflow.end_run()
+    run = MlflowClient(tracking_uri).get_run(child_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.info.status == "FINISHED" and run.data.metrics["image_AUROC"] == 0.9
