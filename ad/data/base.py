@@ -44,6 +44,13 @@ def check_image_size(image_size: object, key: str = "dataset.image_size") -> int
     return image_size
 
 
+def check_category(category: str, categories: Sequence[str] | None, dataset: str) -> None:
+    """ADError listing ``categories`` (``dataset.categories`` in config) when ``category`` is not one of them."""
+    if categories is not None and category not in [str(name) for name in categories]:
+        valid = ", ".join(str(name) for name in categories)
+        raise ADError(f"dataset.category: '{category}' is not a category of {dataset}; valid: {valid}")
+
+
 def normalize(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) image to an ImageNet-normalised float32 (3, H, W) tensor, as backbones expect."""
     pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()

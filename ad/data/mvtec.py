@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ad.data.base import AnomalyDataset, Sample, check_image_size
+from ad.data.base import AnomalyDataset, Sample, check_category, check_image_size
+from ad.data.download import Archive, download_dataset
 from ad.data.io import IMAGE_EXTENSIONS, index_masks, list_images
 from ad.errors import ADError
 
@@ -19,19 +21,36 @@ log = logging.getLogger(__name__)
 GOOD = "good"
 _EXTENSIONS = ", ".join(IMAGE_EXTENSIONS)
 _DOWNLOAD_HINT = (
-    "download MVTec AD (https://www.mvtec.com/company/research/datasets/mvtec-ad) or point dataset.root at it"
+    "set dataset.download=true, or download MVTec AD (https://www.mvtec.com/company/research/datasets/mvtec-ad) "
+    "and point dataset.root at it"
 )
 
 
 class MVTecAD(AnomalyDataset):
-    """One category of MVTec AD, or of any dataset in its folder layout."""
+    """One category of MVTec AD, or of any dataset in its folder layout.
+
+    ``categories`` lists the dataset's categories: a category outside it is accepted only when its
+    folder exists (your own data in this layout). ``download=True`` fetches ``archive`` into ``root``
+    first when the category is missing.
+    """
 
     name = "mvtec"
 
-    def __init__(self, root: str = "./datasets/MVTecAD", category: str = "bottle", image_size: int = 256) -> None:
+    def __init__(
+        self,
+        root: str = "./datasets/MVTecAD",
+        category: str = "bottle",
+        image_size: int = 256,
+        categories: Sequence[str] | None = None,
+        download: bool = False,
+        archive: Mapping | None = None,
+    ) -> None:
         check_image_size(image_size)
         self.root = Path(root).expanduser().absolute()
-        category_dir = find_category_dir(self.root, str(category))
+        if download:
+            check_category(str(category), categories, "MVTec AD")
+            download_dataset(self.root, Archive.from_config(archive), present=self.root / str(category))
+        category_dir = find_category_dir(self.root, str(category), categories)
         train = read_train_samples(category_dir)
         test, has_masks = attach_masks(category_dir, read_test_samples(category_dir))
         super().__init__(str(category), image_size, train, test, has_masks)
@@ -42,7 +61,7 @@ def available_categories(root: Path) -> list[str]:
     return sorted(path.name for path in root.iterdir() if (path / "train").is_dir())
 
 
-def find_category_dir(root: Path, category: str) -> Path:
+def find_category_dir(root: Path, category: str, categories: Sequence[str] | None = None) -> Path:
     """The folder of ``category`` under ``root``, or an ADError saying what exists instead."""
     if not root.is_dir():
         raise ADError(f"dataset.root: folder '{root}' does not exist; {_DOWNLOAD_HINT}")
@@ -50,6 +69,12 @@ def find_category_dir(root: Path, category: str) -> Path:
     if category and category_dir.is_dir():
         return category_dir
     available = available_categories(root)
+    if categories is not None and category not in [str(name) for name in categories]:
+        found = f"; folders in '{root}': {', '.join(available)}" if available else ""
+        raise ADError(
+            f"dataset.category: '{category}' is not a category of MVTec AD (valid: "
+            f"{', '.join(str(name) for name in categories)}) nor a folder in '{root}'{found}"
+        )
     if not available:
         raise ADError(
             f"dataset.category: '{category}' not found, and '{root}' holds no category folders "
