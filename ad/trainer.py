@@ -1,0 +1,460 @@
+"""The training loop of gradient-trained methods: epochs, mixed precision, checkpoints, resumption.
+
+Plain PyTorch (no Lightning). The trainer owns what every method shares; a method only says how to
+compute its losses (:class:`ad.models.base.TrainableModel`). Training is repeatable: the data order
+of epoch ``e`` is a permutation seeded by ``(seed, e)``, and a checkpoint holds every random state, so
+a run killed and resumed ends with the same weights as one never interrupted (on CPU, bit for bit).
+
+Checkpoints live in ``<run dir>/checkpoints/``: ``last.pt`` after every epoch (and when Ctrl-C stops
+the run mid-epoch, at the last completed step) and ``best.pt`` when the monitored value improves.
+They hold the trainable weights (the frozen backbone is rebuilt from the config and checked by its
+hash), optimiser, gradient-scaler and random states, the position in training and the MLflow run id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from ad.backbone import FeatureExtractor
+from ad.errors import ADError
+from ad.models.base import TrainableModel
+from ad.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+#: Metrics where larger is better when chosen as ``trainer.monitor``; losses are minimised.
+MAXIMISED = ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO")
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch seeded by (seed, epoch), so a resumed run sees the same order.
+
+    ``start`` skips the images of batches already done in that epoch (resuming mid-epoch).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.size - self.start)
+
+
+@dataclass
+class Position:
+    """Where training stands: completed epochs, steps done in the current one, and its loss sums so far."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    best_value: float | None = None
+    best_epoch: int | None = None
+
+
+# -- random states --------------------------------------------------------------------------------
+
+def rng_states() -> dict:
+    """Every random state training may draw from, as tensors and plain values (loadable weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what :func:`rng_states` saved."""
+    random.setstate(states["python"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# -- checkpoint files -----------------------------------------------------------------------------
+
+def frozen_prefixes(model: torch.nn.Module) -> dict[str, FeatureExtractor]:
+    """Frozen backbones by their state-dict prefix: rebuilt from the config, never saved."""
+    return {f"{name}.": module for name, module in model.named_modules() if isinstance(module, FeatureExtractor)}
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without its frozen backbones (those are tens to hundreds of MB)."""
+    prefixes = tuple(frozen_prefixes(model))
+    return {k: v for k, v in model.state_dict().items() if not (prefixes and k.startswith(prefixes))}
+
+
+def save_atomic(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def link_atomic(source: Path, target: Path) -> None:
+    """Make ``target`` the same file as ``source`` (a hard link; a copy where links are not supported)."""
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint (tensors and plain values only: no code runs on load)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ADError(f"trainer.resume: cannot read checkpoint {path} ({first})") from None
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The MLflow run id stored in a checkpoint, read without loading its tensors (memory-mapped)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id")
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise ADError(f"trainer.resume: cannot read checkpoint {path} ({str(exc).strip()[:200]})") from None
+
+
+def find_checkpoint(resume: bool | str | None, run_dir: Path, model_name: str, search_siblings: bool) -> Path | None:
+    """The checkpoint ``trainer.resume`` names: none (false), a path, or true = the latest one of this model.
+
+    ``true`` looks in the run folder first (``hydra.run.dir=<old run>`` resumes in place), then, for
+    single runs, in the sibling run folders named ``*_<model>`` (the default ``outputs/runs/<time>_<model>``
+    layout), taking the most recently written ``checkpoints/last.pt``.
+    """
+    if resume in (None, False) or (isinstance(resume, str) and resume.lower() in ("", "false", "none", "null")):
+        return None
+    if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
+        own = run_dir / "checkpoints" / "last.pt"
+        if own.is_file():
+            return own
+        candidates = []
+        if search_siblings and run_dir.parent.is_dir():
+            candidates = [p for p in run_dir.parent.glob(f"*_{model_name}/checkpoints/last.pt")
+                          if p.parent.parent.resolve() != run_dir.resolve()]
+        if not candidates:
+            raise ADError(f"trainer.resume=true: no checkpoints/last.pt of a {model_name} run in {run_dir} "
+                          f"or beside it; pass trainer.resume=/path/to/last.pt")
+        return max(candidates, key=lambda p: p.stat().st_mtime_ns)
+    path = Path(str(resume)).expanduser()
+    if path.is_dir():
+        path = next((p for p in (path / "checkpoints" / "last.pt", path / "last.pt") if p.is_file()), path)
+    if not path.is_file():
+        raise ADError(f"trainer.resume: '{resume}' is not a checkpoint file or a run folder holding one")
+    return path
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag checked between steps (so the checkpoint is consistent).
+
+    A second Ctrl-C interrupts at once. Off the main thread signals cannot be caught: no-op there.
+    """
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed.is_set
+        return
+
+    def handler(signum, frame):
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+        log.warning("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+class Trainer:
+    """Runs a :class:`TrainableModel`'s epochs (see module docstring).
+
+    Args:
+        run_dir: the run folder; checkpoints go to ``run_dir/checkpoints``.
+        device: where to train.
+        precision: autocast dtype on GPU (None = fp32); CPU training is always fp32.
+        tracker: receives per-epoch metrics (step = epoch number).
+        max_epochs: epochs to train; None = the checkpoint's count when resuming, else the model's default.
+        batch_size, num_workers: of the shuffled training loader.
+        seed: seeds the data order of every epoch.
+        eval_every: evaluate every N epochs (None/0 = never) with the ``evaluate`` callable given to fit.
+        monitor: what ``best.pt`` maximises/minimises: a loss name (``loss``) or an evaluation metric;
+            None = ``image_AUROC`` when evaluating, else ``loss``.
+        checkpoint_every: write ``last.pt`` every N epochs (it is always written at the end).
+        resume_from: a checkpoint to continue from (see :func:`find_checkpoint`).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        device: torch.device,
+        precision: torch.dtype | None,
+        tracker: Tracker,
+        max_epochs: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 42,
+        eval_every: int | None = None,
+        monitor: str | None = None,
+        checkpoint_every: int = 1,
+        resume_from: Path | None = None,
+    ) -> None:
+        for key, value in (("max_epochs", max_epochs), ("eval_every", eval_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ADError(f"trainer.{key}: {value!r} must be a whole number ≥ 0 (or null)")
+        if max_epochs == 0:
+            raise ADError("trainer.max_epochs: 0 epochs trains nothing; give ≥ 1 or null for the method's default")
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ADError(f"trainer.checkpoint_every: {checkpoint_every!r} must be a whole number ≥ 1")
+        self.eval_every = eval_every or 0
+        self.monitor = monitor or ("image_AUROC" if self.eval_every else "loss")
+        if self.monitor in MAXIMISED and not self.eval_every:
+            raise ADError(f"trainer.monitor: '{self.monitor}' is an evaluation metric but evaluation is off; "
+                          f"set trainer.eval_every=N or trainer.monitor=loss")
+        self.run_dir, self.device, self.tracker = Path(run_dir), device, tracker
+        self.amp_dtype = precision if device.type == "cuda" else None
+        self.max_epochs, self.batch_size, self.num_workers = max_epochs, batch_size, num_workers
+        self.seed, self.checkpoint_every, self.resume_from = seed, checkpoint_every, resume_from
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.epochs = 0  # the total epoch count of this fit, known once it starts
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def fit(self, model: TrainableModel, train_set: Dataset, evaluate: Callable[[], dict] | None = None) -> None:
+        """Train ``model`` on ``train_set`` until ``max_epochs``; ``evaluate()`` returns test metrics."""
+        if len(train_set) == 0:
+            raise ADError("dataset: no training images")
+        if self.eval_every and evaluate is None:
+            raise ADError("trainer.eval_every: evaluation needs a test split")
+        optimizers = model.configure_optimizers()
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        position = Position()
+        if self.resume_from is not None:
+            position = self.restore(model, optimizers, scaler)
+        self.epochs = self.max_epochs or self.epochs or model.default_epochs
+        self.statistics_loader = DataLoader(train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                                            pin_memory=self.device.type == "cuda")
+        if position.epoch >= self.epochs:
+            log.info("Checkpoint is at epoch %d of %d: nothing left to train", position.epoch, self.epochs)
+        else:
+            self.train_epochs(model, train_set, optimizers, scaler, position, evaluate)
+        model.eval()
+        model.on_train_end(self.statistics_loader, self.device)
+
+    def train_epochs(self, model, train_set, optimizers, scaler, position: Position, evaluate) -> None:
+        """The epochs from ``position`` to ``self.epochs``, each ending with its log and checkpoint."""
+        sampler = EpochSampler(len(train_set), self.seed)
+        # Its own generator: creating an epoch's iterator then never draws from the global RNG.
+        loader = DataLoader(train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.seed))
+        steps = math.ceil(len(train_set) / self.batch_size)
+        with deferred_interrupt() as interrupted:
+            while position.epoch < self.epochs:
+                sampler.set_epoch(position.epoch, position.step * self.batch_size)
+                model.train()
+                start = time.perf_counter()
+                self.run_epoch(model, loader, optimizers, scaler, position, steps, interrupted)
+                seconds = time.perf_counter() - start
+                position.epoch, position.step = position.epoch + 1, 0
+                sums, position.loss_sums = position.loss_sums, {}
+                losses = {name: value / steps for name, value in sums.items()}
+                self.end_of_epoch(model, optimizers, scaler, position, losses, seconds, evaluate)
+                if interrupted():
+                    raise KeyboardInterrupt
+
+    # -- one epoch -------------------------------------------------------------------------------
+
+    def run_epoch(self, model, loader, optimizers, scaler, position: Position, steps: int, interrupted) -> None:
+        """Steps over the (rest of the) epoch; on Ctrl-C saves the state after the last whole step."""
+        epoch = position.epoch + 1
+        bar = tqdm(loader, desc=f"epoch {epoch}/{self.epochs}", total=steps, initial=position.step, unit="batch",
+                   leave=False, disable=None, dynamic_ncols=True)
+        update = self.update_function(optimizers, scaler, position, steps)
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+               else contextlib.nullcontext())
+        try:
+            for batch in bar:
+                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+                with amp:
+                    losses = model.optimization_step(batch, optimizers, update)
+                for name, value in losses.items():
+                    position.loss_sums[name] = position.loss_sums.get(name, 0.0) + value
+                position.step += 1
+                bar.set_postfix(loss=f"{position.loss_sums.get('loss', 0.0) / position.step:.4g}")
+                if interrupted():
+                    break
+        except Exception:
+            if not interrupted():  # a DataLoader worker killed by the same Ctrl-C: stop as interrupted
+                raise
+        finally:
+            bar.close()
+        if interrupted() and position.step < steps:
+            path = self.save(model, optimizers, scaler, position)
+            log.warning("Stopped at epoch %d, step %d/%d; checkpoint %s (resume with trainer.resume=%s)",
+                        epoch, position.step, steps, path, path)
+            raise KeyboardInterrupt
+
+    def update_function(self, optimizers, scaler, position: Position, steps: int):
+        """The ``step(loss, optimizer)`` given to the model: finite check, backward, optimiser step."""
+
+        def step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                self.diverged(value, position, steps, optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=False):  # backward outside autocast, as torch advises
+                scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        return step
+
+    def diverged(self, value: float, position: Position, steps: int, optimizer) -> None:
+        """Stop with what happened, where, and what to try; the last good checkpoint stays as it was."""
+        last = self.checkpoint_dir / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        lr = optimizer.param_groups[0]["lr"]
+        precision = ", or train in full precision (trainer.precision=fp32)" if self.amp_dtype else ""
+        raise ADError(f"training diverged: the loss is {value} at epoch {position.epoch + 1}/{self.epochs}, "
+                      f"step {position.step + 1}/{steps}; lower the learning rate (model.lr, now {lr:g}){precision}; "
+                      f"{kept}")
+
+    # -- end of epoch ----------------------------------------------------------------------------
+
+    def end_of_epoch(self, model, optimizers, scaler, position: Position, losses: dict, seconds: float,
+                     evaluate) -> None:
+        """Log the epoch's losses (and evaluation), update best.pt and last.pt."""
+        epoch = position.epoch
+        metrics = {f"train/{name}": value for name, value in losses.items()}
+        metrics["train/epoch_s"] = seconds
+        metrics["train/lr"] = optimizers[0].param_groups[0]["lr"]
+        evaluated = {}
+        if self.eval_every and epoch % self.eval_every == 0:
+            model.eval()
+            model.on_train_end(self.statistics_loader, self.device)  # statistics scoring needs, as after training
+            evaluated = evaluate()
+            model.train()
+            metrics.update({f"eval/{name}": value for name, value in evaluated.items()})
+        self.tracker.log_metrics(metrics, step=epoch)
+        shown = " ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in metrics.items() if k != "train/lr")
+        log.info("epoch %d/%d: %s", epoch, self.epochs, shown)
+
+        improved = False
+        value = losses.get(self.monitor, evaluated.get(self.monitor))
+        if value is None and (evaluated or not self.eval_every):
+            raise ADError(f"trainer.monitor: '{self.monitor}' is not among {sorted({*losses, *evaluated})}")
+        if value is not None:
+            maximise = self.monitor not in losses
+            best = position.best_value
+            improved = best is None or (value > best if maximise else value < best)
+            if improved:
+                position.best_value, position.best_epoch = float(value), epoch
+        last = None
+        if improved or epoch % self.checkpoint_every == 0 or epoch == self.epochs:
+            last = self.save(model, optimizers, scaler, position)
+        if improved:
+            link_atomic(last, self.checkpoint_dir / "best.pt")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save(self, model, optimizers, scaler, position: Position) -> Path:
+        """Write ``last.pt`` atomically and return its path."""
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "model": trainable_state(model),
+            "frozen": {prefix: module.identity() for prefix, module in frozen_prefixes(model).items()},
+            "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+            "scaler": scaler.state_dict(),
+            "rng": rng_states(),
+            "epoch": position.epoch, "step": position.step, "loss_sums": dict(position.loss_sums),
+            "best_value": position.best_value, "best_epoch": position.best_epoch, "monitor": self.monitor,
+            "max_epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
+            "run_id": self.tracker.run_id,
+        }
+        path = self.checkpoint_dir / "last.pt"
+        save_atomic(payload, path)
+        return path
+
+    def restore(self, model, optimizers, scaler) -> Position:
+        """Load ``resume_from`` into model, optimisers and scaler; restore random states; return the position."""
+        path = self.resume_from
+        state = load_checkpoint(path)
+        name = f"{type(model).__module__}.{type(model).__qualname__}"
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("model_class") != name:
+            raise ADError(f"trainer.resume: {path} is a checkpoint of {state.get('model_class')}, not of {name}")
+        for prefix, module in frozen_prefixes(model).items():
+            if state["frozen"].get(prefix) != module.identity():
+                raise ADError(f"trainer.resume: {path} was trained with another frozen backbone "
+                              f"({module.name}, weights {module.weights_source}); use the run's backbone settings")
+        for key, value in (("batch_size", self.batch_size), ("seed", self.seed)):
+            if state[key] != value:
+                log.warning("Resuming with trainer.%s=%s where the checkpoint used %s: the run will not repeat "
+                            "an uninterrupted one exactly", key, value, state[key])
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.startswith(tuple(frozen_prefixes(model)))]
+        if missing or unexpected:
+            raise ADError(f"trainer.resume: {path} does not fit this model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); resume with the run's model settings")
+        try:
+            for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+                optimizer.load_state_dict(saved)
+        except (ValueError, KeyError) as exc:
+            raise ADError(f"trainer.resume: optimiser state in {path} does not fit ({exc})") from None
+        if scaler.is_enabled() and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        self.epochs = state["max_epochs"]
+        log.info("Resuming %s from %s: epoch %d, step %d", name.rsplit(".", 1)[-1], path, state["epoch"],
+                 state["step"])
+        return Position(epoch=state["epoch"], step=state["step"], loss_sums=dict(state["loss_sums"]),
+                        best_value=state["best_value"], best_epoch=state["best_epoch"])
