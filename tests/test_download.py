@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from test_btad import make_btad
+from test_visa import make_visa
 
-from ad.data import BTAD, MVTecAD
+from ad.data import BTAD, MVTecAD, VisA
 from ad.data.download import MARKER, Archive, download_dataset, extract
 from ad.data.synthetic import make_mvtec_layout
 from ad.errors import ADError
@@ -202,6 +203,15 @@ def test_btad_download_takes_the_archive_folder_and_keeps_bmp(server: Server, tm
     dataset = BTAD(root=str(tmp_path / "BTAD"), category="01", image_size=32, download=True, archive=config)
     assert {s.image.suffix for s in dataset.train} == {".bmp"} and len(dataset.test) == 6
     assert leftovers(tmp_path, tmp_path / "BTAD") == ["BTAD", "served", "tree"]
+
+
+def test_visa_download_is_recognised_by_its_split_file(server: Server, tmp_path: Path) -> None:
+    tar_of(make_visa(tmp_path / "tree"), server.folder / "VisA.tar")
+    archive = server.archive("VisA.tar")
+    config = {"url": archive.url, "sha256": archive.sha256, "folder": None}
+    for _ in range(2):  # the second dataset finds the split file and downloads nothing
+        dataset = VisA(root=str(tmp_path / "VisA"), category="pcb1", image_size=32, download=True, archive=config)
+    assert len(dataset.train) == 8 and server.requests == 1
 
 
 def test_wrong_archive_folder_names_what_is_there(server: Server, payload: Path, tmp_path: Path) -> None:

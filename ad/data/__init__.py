@@ -1,4 +1,4 @@
-"""Datasets for anomaly detection: MVTec AD layout, plain folders, and a built-in synthetic one."""
+"""Datasets for anomaly detection: MVTec AD, BTAD and VisA layouts, plain folders, and a built-in synthetic one."""
 
 from ad.data.base import (
     IMAGENET_MEAN,
@@ -9,22 +9,26 @@ from ad.data.base import (
     denormalize,
     normalize,
 )
+from ad.data.btad import BTAD
 from ad.data.folder import Folder
 from ad.data.io import IMAGE_EXTENSIONS, read_image, read_mask
 from ad.data.mvtec import MVTecAD
 from ad.data.synthetic import TEXTURES, Synthetic, make_mvtec_layout
+from ad.data.visa import VisA
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "TEXTURES",
+    "BTAD",
     "AnomalyDataset",
     "Folder",
     "ImageDataset",
     "MVTecAD",
     "Sample",
     "Synthetic",
+    "VisA",
     "denormalize",
     "make_mvtec_layout",
     "normalize",
