@@ -156,7 +156,7 @@ def csv_text(tables: list[Table]) -> str:
 
 
 def open_client(uri: str | None):
-    """An MLflow client on ``uri`` (the training default when None); a missing SQLite file is an error, not a new store."""
+    """An MLflow client on ``uri`` (training's default when None); a missing SQLite file is an error."""
     from mlflow import MlflowClient
 
     from ad.tracking import quiet_mlflow_logs, resolve_tracking_uri, sqlite_path
