@@ -151,3 +151,22 @@ def test_bad_settings_name_their_key(setting, key):
     cfg = compose_config("model=cflow", "backbone=resnet18", *TINY, setting)
     with pytest.raises(ADError, match=key):
         build(cfg.model, "model", backbone=OmegaConf.to_container(cfg.backbone), _convert_="all")
+
+
+def test_command_line_trains_and_scores_end_to_end(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    overrides = ["model=cflow", "backbone=resnet18", *TINY, "dataset.n_train=8", "dataset.n_test_good=4",
+                 "dataset.n_test_defect=4", "trainer.max_epochs=2", "model.coupling_blocks=2",
+                 "model.condition_vector=16", "tracking=none", f"hydra.run.dir={tmp_path}/run"]
+    result = subprocess.run([sys.executable, "-m", "ad.launch", *overrides], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["model"] == "cflow" and metrics["epochs"] == 2
+    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"} <= metrics.keys()
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert any(key.startswith("decoders.") for key in state)

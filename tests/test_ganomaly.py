@@ -149,3 +149,15 @@ def test_images_of_another_size_are_refused():
     model = Ganomaly(image_size=64, **SMALL).eval()
     with pytest.raises(ADError, match="dataset.image_size"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_a_run_reports_image_metrics_only(tmp_path):
+    from ad.run import run
+
+    cfg = compose_config("model=ganomaly", *TINY, "dataset.n_train=8", "dataset.n_test_good=4",
+                         "dataset.n_test_defect=4", "trainer.max_epochs=2", "model.n_features=8",
+                         "model.latent_vec_size=16", "tracking=none")
+    results = run(cfg, tmp_path)
+    assert results["model"] == "ganomaly" and results["epochs"] == 2 and results["weights"] == "none"
+    assert "image_AUROC" in results and "image_F1" in results
+    assert "pixel_AUROC" not in results and "pixel_AUPRO" not in results
