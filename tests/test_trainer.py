@@ -17,6 +17,15 @@ from ad.trainer import Trainer, find_checkpoint, load_checkpoint
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: OpenMP's fork/join on a shared 2-core machine costs more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyModel(TrainableModel):
     """A small conv autoencoder with batch norm (running stats) and dropout (draws from the global RNG)."""
 
@@ -178,3 +187,83 @@ def test_find_checkpoint(tmp_path):
         find_checkpoint(True, current, "stfpm", False)  # sweep jobs never pick a sibling job's checkpoint
     with pytest.raises(ADError, match="trainer.resume: '/nowhere/last.pt'"):
         find_checkpoint("/nowhere/last.pt", current, "stfpm", True)
+
+
+# -- whole runs: MLflow step metrics, resuming the same MLflow run, a diverging run -------------------
+
+RUN = ["dataset.image_size=64", "backbone.weights=random", "model=stfpm", "model.layers=[layer1,layer2]",
+       "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4", "trainer.batch_size=4",
+       "tracking.num_images=0"]
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory) -> Path:
+    """One migrated SQLite MLflow store, copied per test (creating one takes seconds)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def tracking_uri(migrated_db, tmp_path) -> str:
+    import shutil
+
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def history(client, run_id: str, key: str) -> list[int]:
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_run_logs_epochs_to_mlflow_and_resumes_the_same_run(tmp_path, tracking_uri):
+    from helpers import compose_config
+    from mlflow import MlflowClient
+
+    from ad.run import run
+
+    uri = tracking_uri
+    first = run(compose_config(*RUN, "trainer.max_epochs=2", "trainer.eval_every=1", f"tracking.uri={uri}"),
+                tmp_path / "run")
+    run_id = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["run_id"]
+    client = MlflowClient(uri)
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED" and first["epochs"] == 2
+    assert history(client, run_id, "train/loss") == [1, 2] == history(client, run_id, "eval/image_AUROC")
+    assert logged.outputs.model_outputs  # the trained model
+
+    resumed = run(compose_config(*RUN, "trainer.max_epochs=3", "trainer.eval_every=1", "trainer.resume=true",
+                                 f"tracking.uri={uri}", "tracking.log_model=false"), tmp_path / "run")
+    assert resumed["epochs"] == 3
+    assert history(client, run_id, "train/loss") == [1, 2, 3]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags["ad.resumed"] == "true"
+    assert len(client.search_runs([logged.info.experiment_id])) == 1
+
+
+def test_diverging_run_fails_in_mlflow_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tracking_uri):
+    from helpers import compose_config
+    from mlflow import MlflowClient
+
+    from ad.models.stfpm import Stfpm
+    from ad.run import run
+
+    calls = []
+    honest = Stfpm.training_step
+
+    def diverging(self, batch):
+        calls.append(1)
+        losses = honest(self, batch)
+        return {"loss": losses["loss"] * (float("inf") if len(calls) == 3 else 1.0)}  # epoch 2, step 1
+
+    monkeypatch.setattr(Stfpm, "training_step", diverging)
+    expected = r"loss is inf at epoch 2/3, step 1/2; lower the learning rate \(model.lr, now 0.4"
+    with pytest.raises(ADError, match=expected):
+        run(compose_config(*RUN, "trainer.max_epochs=3", f"tracking.uri={tracking_uri}"), tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 0)
+    failed = MlflowClient(tracking_uri).get_run(state["run_id"])
+    assert failed.info.status == "FAILED" and "epoch 2/3" in failed.data.tags["error"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
