@@ -68,6 +68,9 @@ def test_generator_loss_is_anomalibs_weighted_sum(images):
     torch.testing.assert_close(losses["loss"], expected)
     x = images[:4]
     torch.testing.assert_close(losses["contextual"], (losses["reconstruction"] - x).abs().mean())
+    with torch.no_grad():  # adversarial: MSE between the discriminator's probabilities on x and x̂, as anomalib
+        real, fake = model.discriminator(x).sigmoid(), model.discriminator(losses["reconstruction"]).sigmoid()
+    torch.testing.assert_close(losses["adversarial"], (real - fake).square().mean())
 
 
 def test_generator_then_discriminator_steps_reduce_the_loss(images):

@@ -104,11 +104,15 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """The encoder with a single output squashed by a sigmoid: the probability the image is real."""
+    """The encoder with a single output: the logit of the probability that the image is real.
+
+    Logits rather than anomalib's sigmoid outputs so the loss can use the fused, autocast-safe
+    ``binary_cross_entropy_with_logits`` (plain BCE refuses to run under CUDA autocast).
+    """
 
     def __init__(self, side: int, n_features: int, extra_layers: int) -> None:
         super().__init__()
-        self.layers = nn.Sequential(*encoder_layers(side, 1, n_features, extra_layers), nn.Sigmoid())
+        self.layers = nn.Sequential(*encoder_layers(side, 1, n_features, extra_layers))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images).flatten()
@@ -185,8 +189,8 @@ class Ganomaly(TrainableModel):
         reconstruction, latent, relatent = self.generator(images)
         real = self.discriminator(images)
         fake = self.discriminator(reconstruction)
-        # anomalib: MSE between the discriminator's outputs (the paper matches features instead).
-        adversarial = F.mse_loss(fake, real.detach())
+        # anomalib: MSE between the discriminator's probabilities (the paper matches features instead).
+        adversarial = F.mse_loss(fake.sigmoid(), real.detach().sigmoid())
         contextual = F.l1_loss(reconstruction, images)
         latent_loss = F.smooth_l1_loss(relatent, latent)
         w = self.weights
@@ -201,8 +205,8 @@ class Ganomaly(TrainableModel):
         step(outputs["loss"], generator_opt)
         fake = self.discriminator(outputs["reconstruction"].detach())
         real = outputs["real"]
-        discriminator_loss = 0.5 * (F.binary_cross_entropy(real, torch.ones_like(real))
-                                    + F.binary_cross_entropy(fake, torch.zeros_like(fake)))
+        discriminator_loss = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                                    + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
         step(discriminator_loss, discriminator_opt)
         losses = {name: float(outputs[name].detach()) for name in ("loss", "adversarial", "contextual", "latent")}
         losses["discriminator"] = float(discriminator_loss.detach())
