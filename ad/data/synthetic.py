@@ -268,7 +268,10 @@ class Synthetic(MVTecAD):
         n_test_defect: int = 20,
         seed: int = 42,
         root: str | None = None,
+        categories: list[str] | None = None,
     ) -> None:
+        if categories is not None and category not in categories:  # the config's list, used by category=all
+            raise ADError(f"dataset.category: '{category}' is not a category of synthetic; valid: {', '.join(categories)}")
         settings = {
             "category": check_category(category),
             "image_size": check_image_size(image_size),
