@@ -271,7 +271,8 @@ class Synthetic(MVTecAD):
         categories: list[str] | None = None,
     ) -> None:
         if categories is not None and category not in categories:  # the config's list, used by category=all
-            raise ADError(f"dataset.category: '{category}' is not a category of synthetic; valid: {', '.join(categories)}")
+            valid = ", ".join(categories)
+            raise ADError(f"dataset.category: '{category}' is not a category of synthetic; valid: {valid}")
         settings = {
             "category": check_category(category),
             "image_size": check_image_size(image_size),
