@@ -177,7 +177,7 @@ def test_end_without_start_is_safe(tracking_uri):
 
 
 def test_start_failing_half_way_leaves_no_running_run(tracking_uri, tmp_path, monkeypatch):
-    def broken(self, cfg):
+    def broken(self, cfg, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(MLflowTracker, "_log_config", broken)
