@@ -1,0 +1,140 @@
+"""Time anomalib 2.x's PaDiM, PatchCore, DFM or DFKDE on one MVTec-layout category, under anomalib's own Python.
+
+    /tmp/anomalib-venv/bin/python benchmarks/anomalib_run.py --model patchcore --root DIR --category bottle \
+        --weights wide_resnet50_2.pth --out r.json
+
+Settings are anomalib's defaults except where noted. The model is built with its anomalib default
+backbone and layers (``MODELS`` below: padim resnet18 layer1-3, patchcore wide_resnet50_2 layer2+3,
+dfm resnet50 layer3, dfkde resnet18 layer4) and ``pre_trained=False`` (no download; ``--weights
+FILE`` then loads a local timm state dict of that backbone into it, strictly); default pre-processor
+(resize to ``--image-size``, ImageNet normalisation; PatchCore without centre crop, as anomalib's
+default), post-processor and visualizer (``--no-visualizer`` turns it off); default evaluator, plus
+anomalib's own ``AUPRO`` for models with anomaly maps (``--no-aupro`` leaves it out; the seconds it
+takes are reported as ``aupro_s`` so callers can leave them out of the timing); ``MVTecAD``
+datamodule with its default batch sizes (32), workers (8 unless ``--workers``) and
+``val_split_mode=same_as_test`` (so ``fit`` also runs a validation pass over the test images);
+``Engine(accelerator="cpu", devices=1)`` with its default callbacks and no logger. Writes import,
+fit and test seconds, the test metrics and the versions as JSON.
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub
+
+import torch  # noqa: E402
+from anomalib.data import MVTecAD  # noqa: E402
+from anomalib.engine import Engine  # noqa: E402
+from anomalib.metrics import AUPRO, Evaluator  # noqa: E402
+from anomalib.models import Dfkde, Dfm, Padim, Patchcore  # noqa: E402
+
+IMPORT_S = time.perf_counter() - START
+
+#: Each model's class and anomalib's default backbone and layer arguments (checked against 2.7.0's signatures).
+MODELS = {
+    "padim": (Padim, {"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"]}),
+    "patchcore": (Patchcore, {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}),
+    "dfm": (Dfm, {"backbone": "resnet50", "layer": "layer3"}),
+    "dfkde": (Dfkde, {"backbone": "resnet18", "layers": ["layer4"]}),
+}
+#: Models whose anomalib evaluator has pixel metrics (DFKDE is image-level only).
+WITH_MAPS = ("padim", "patchcore", "dfm")
+
+
+class TimedAUPRO(AUPRO):
+    """anomalib's AUPRO, counting the seconds its update and compute take (not part of the default evaluator)."""
+
+    seconds = 0.0
+
+    def update(self, *args, **kwargs) -> None:
+        start = time.perf_counter()
+        super().update(*args, **kwargs)
+        TimedAUPRO.seconds += time.perf_counter() - start
+
+    def compute(self) -> torch.Tensor:
+        start = time.perf_counter()
+        value = super().compute()
+        TimedAUPRO.seconds += time.perf_counter() - start
+        return value
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="padim")
+    parser.add_argument("--root", required=True, help="folder holding the MVTec-layout category")
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--image-size", type=int, default=256, help="input side (anomalib default 256)")
+    parser.add_argument("--batch-size", type=int, default=32, help="train and eval batch size (default 32)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (anomalib default 8)")
+    parser.add_argument("--weights", help="local timm state dict of the model's backbone; default: random init")
+    parser.add_argument("--no-aupro", action="store_true", help="keep the default evaluator (no AUPRO)")
+    parser.add_argument("--no-visualizer", action="store_true", help="do not write an image per test sample")
+    parser.add_argument("--out", required=True, help="JSON file for the timings and metrics")
+    return parser.parse_args()
+
+
+def load_backbone_weights(model: torch.nn.Module, path: str) -> None:
+    """Copy a full timm state dict into anomalib's truncated timm feature extractor (strict)."""
+    extractor = model.model.feature_extractor.feature_extractor
+    wanted = extractor.state_dict().keys()
+    state = torch.load(path, map_location="cpu")
+    extractor.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+
+
+def evaluator_with_aupro(model_cls: type) -> Evaluator:
+    """The model's default evaluator plus anomalib's pixel AUPRO (FPR limit 0.3) on the same post-processed maps."""
+    metrics = list(model_cls.configure_evaluator().test_metrics)
+    aupro = TimedAUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False)
+    aupro.name = "pixel_AUPRO"  # logged under anomalib's own name, not the subclass's
+    return Evaluator(test_metrics=[*metrics, aupro])
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("anomalib", "torch", "torchvision", "lightning", "timm")}
+
+
+def main() -> None:
+    args = parse_args()
+    model_cls, backbone = MODELS[args.model]
+    size = (args.image_size, args.image_size)
+    extra = {"visualizer": False} if args.no_visualizer else {}
+    aupro = args.model in WITH_MAPS and not args.no_aupro
+    if aupro:
+        extra["evaluator"] = evaluator_with_aupro(model_cls)
+    model = model_cls(**backbone, pre_trained=False, pre_processor=model_cls.configure_pre_processor(size), **extra)
+    if args.weights:
+        load_backbone_weights(model, args.weights)
+    data_kwargs = {"num_workers": args.workers} if args.workers is not None else {}
+    datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size,
+                         eval_batch_size=args.batch_size, **data_kwargs)
+    engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir="results")
+
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    fit_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    results = engine.test(model=model, datamodule=datamodule, verbose=False)
+    test_s = time.perf_counter() - start
+
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    out = {"model": args.model, **backbone, "import_s": IMPORT_S, "fit_s": fit_s, "test_s": test_s,
+           **({"aupro_s": TimedAUPRO.seconds} if aupro else {}), **metrics,
+           "threads": torch.get_num_threads(), "versions": versions(), "workers": datamodule.num_workers,
+           "visualizer": not args.no_visualizer, "total_in_process_s": time.perf_counter() - START}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
