@@ -14,7 +14,9 @@ takes are reported as ``aupro_s`` so callers can leave them out of the timing); 
 datamodule with its default batch sizes (32), workers (8 unless ``--workers``) and
 ``val_split_mode=same_as_test`` (so ``fit`` also runs a validation pass over the test images);
 ``Engine(accelerator="cpu", devices=1)`` with its default callbacks and no logger. Writes import,
-fit and test seconds, the test metrics and the versions as JSON.
+fit and test seconds, the test metrics and the versions as JSON, and the raw test outputs (scores,
+labels, maps, masks as the model produced them, before anomalib's post-processor normalises and
+clamps them) to ``<out>.raw.pt``, so callers can compute metrics on raw scores as ``ad`` does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from anomalib.data import MVTecAD  # noqa: E402
 from anomalib.engine import Engine  # noqa: E402
 from anomalib.metrics import AUPRO, Evaluator  # noqa: E402
 from anomalib.models import Dfkde, Dfm, Padim, Patchcore  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 IMPORT_S = time.perf_counter() - START
 
@@ -64,6 +67,25 @@ class TimedAUPRO(AUPRO):
         value = super().compute()
         TimedAUPRO.seconds += time.perf_counter() - start
         return value
+
+
+class RawOutputs(Callback):
+    """Test outputs before post-processing: a trainer callback runs before the model's own PostProcessor."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {"scores": [], "labels": [], "maps": [], "masks": []}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
+        n = len(outputs.pred_score)
+        self.parts["scores"].append(outputs.pred_score.detach().float().cpu().reshape(n))
+        self.parts["labels"].append(outputs.gt_label.detach().cpu().reshape(n))
+        maps, masks = outputs.anomaly_map, outputs.gt_mask
+        if maps is not None and masks is not None:
+            self.parts["maps"].append(maps.detach().float().cpu().reshape(n, *maps.shape[-2:]))
+            self.parts["masks"].append(masks.detach().cpu().bool().reshape(n, *masks.shape[-2:]))
+
+    def save(self, path: Path) -> None:
+        torch.save({k: torch.cat(v) if v else None for k, v in self.parts.items()}, path)
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,7 +139,8 @@ def main() -> None:
     data_kwargs = {"num_workers": args.workers} if args.workers is not None else {}
     datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size,
                          eval_batch_size=args.batch_size, **data_kwargs)
-    engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir="results")
+    raw = RawOutputs()
+    engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir="results", callbacks=[raw])
 
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -132,6 +155,7 @@ def main() -> None:
            **({"aupro_s": TimedAUPRO.seconds} if aupro else {}), **metrics,
            "threads": torch.get_num_threads(), "versions": versions(), "workers": datamodule.num_workers,
            "visualizer": not args.no_visualizer, "total_in_process_s": time.perf_counter() - START}
+    raw.save(Path(args.out).with_suffix(".raw.pt"))
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
