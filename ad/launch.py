@@ -161,14 +161,22 @@ def expand_all_categories(args: list[str]) -> list[str]:
         return args
     if not any(arg in MULTIRUN_FLAGS for arg in args):
         raise ADError(f"{ALL_CATEGORIES} runs one job per category: add -m (multirun)")
-    others = [arg for arg in args if not arg.startswith("-") and arg != ALL_CATEGORIES]
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    # overrides only: not flags, nor the values of flags such as --config-dir DIR
+    others = [arg for arg in args if ("=" in arg or arg.startswith("~")) and not arg.startswith("-")
+              and arg != ALL_CATEGORIES]
     with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        parsed = parse_overrides(others)
-        if any(o.key_or_group == "dataset" and o.is_sweep_override() for o in parsed):
-            raise ADError(f"{ALL_CATEGORIES}: the sweep has several datasets, whose categories differ; "
-                          "run one sweep per dataset")
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        cfg = hydra.compose("config", overrides=fixed, return_hydra_config=True)
+        try:
+            parsed = parse_overrides(others)
+            fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+            cfg = hydra.compose("config", overrides=fixed, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException, ValueError) as exc:
+            raise ADError(explain_override_error(exc, others)) from None
+    if any(o.key_or_group == "dataset" and o.is_sweep_override() for o in parsed):
+        raise ADError(f"{ALL_CATEGORIES}: the sweep has several datasets, whose categories differ; "
+                      "run one sweep per dataset")
     categories = cfg.dataset.get("categories")
     name = cfg.hydra.runtime.choices.dataset
     if not categories:
