@@ -26,6 +26,7 @@ from torch import nn
 from ad.backbone import FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import Prediction, TrainableModel
+from ad.threads import single_threaded
 
 #: log of the standard normal density's constant, per dimension.
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -166,20 +167,24 @@ class Cflow(TrainableModel):
 
         As anomalib, a layer with E fibers gets ``E // fiber_batch_size`` steps, the last one taking
         the remainder; a layer with fewer fibers than one batch (a small last batch) gets one step.
+        The steps run on one CPU thread: with 64 rows per matrix product, OpenMP's fork/join costs
+        more than it saves, and many times more on shared cores.
         """
         losses = {}
+        features = self.fibers(self._images(batch))
         for layer, decoder, optimizer, (fibers, code, _) in zip(
-            self.extractor.layers, self.decoders, optimizers, self.fibers(self._images(batch)), strict=True
+            self.extractor.layers, self.decoders, optimizers, features, strict=True
         ):
             count = len(fibers)
             order = torch.randperm(count, device=fibers.device)
             steps = max(1, count // self.fiber_batch_size)
             sizes = [self.fiber_batch_size] * (steps - 1) + [count - self.fiber_batch_size * (steps - 1)]
             total = fibers.new_zeros(())
-            for index in order.split(sizes):
-                loss = -F.logsigmoid(decoder(fibers[index], self.conditions(code, index, count)))
-                step(loss.mean(), optimizer)
-                total += loss.detach().sum()
+            with single_threaded(fibers.device):
+                for index in order.split(sizes):
+                    loss = -F.logsigmoid(decoder(fibers[index], self.conditions(code, index, count)))
+                    step(loss.mean(), optimizer)
+                    total += loss.detach().sum()
             losses[f"loss_{layer}"] = total / count
         losses = {name: float(value) for name, value in losses.items()}  # one sync per batch, not per step
         return {"loss": sum(losses.values()) / len(losses), **losses}
