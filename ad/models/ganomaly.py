@@ -158,7 +158,7 @@ class Ganomaly(TrainableModel):
             if not value > 0:
                 raise ADError(f"model.{key}: {value} must be positive")
         self.image_size, self.side, self.input_range = int(image_size), side, input_range
-        self.weights = {"adversarial": wadv, "contextual": wcon, "latent": wenc}
+        self.loss_weights = {"adversarial": wadv, "contextual": wcon, "latent": wenc}
         self.lr, self.betas, self.reinit_below = lr, (beta1, beta2), reinit_discriminator_below
         self.generator = Generator(side, latent_vec_size, n_features, extra_layers)
         self.discriminator = Discriminator(side, n_features, extra_layers)
@@ -193,7 +193,7 @@ class Ganomaly(TrainableModel):
         adversarial = F.mse_loss(fake.sigmoid(), real.detach().sigmoid())
         contextual = F.l1_loss(reconstruction, images)
         latent_loss = F.smooth_l1_loss(relatent, latent)
-        w = self.weights
+        w = self.loss_weights
         loss = w["adversarial"] * adversarial + w["contextual"] * contextual + w["latent"] * latent_loss
         return {"loss": loss, "adversarial": adversarial, "contextual": contextual, "latent": latent_loss,
                 "real": real, "reconstruction": reconstruction}
