@@ -1,0 +1,126 @@
+"""Time anomalib 2.x's STFPM or Reverse Distillation training epochs on one MVTec-layout category.
+
+    /tmp/anomalib-venv/bin/python benchmarks/anomalib_distill.py --model stfpm --root DIR --category bottle \
+        --weights resnet18.pth --epochs 3 --out r.json
+
+Settings are anomalib's defaults except where noted: ``Stfpm(backbone=--backbone)`` (layers 1-3, SGD
+lr 0.4) or ``ReverseDistillation(backbone=--backbone, pre_trained=False)`` (layers 1-3, add maps,
+Adam lr 0.005), default pre-processor resizing to ``--image-size``; the frozen teacher/encoder
+loads ``--weights`` (a full timm state dict; STFPM's teacher is built with ``pre_trained=True``
+hard-coded, so timm's download is turned off here and the weights are copied in instead).
+``MVTecAD`` datamodule with its default workers (8 unless ``--workers``) and ``--batch-size``;
+``Engine(accelerator="cpu", devices=1, max_epochs=--epochs)`` without a logger, with its default
+checkpointing, and with validation off (``limit_val_batches=0``) so an epoch is training only. A
+Lightning callback records when each training epoch starts and ends; written as JSON.
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from anomalib.data import MVTecAD  # noqa: E402
+from anomalib.engine import Engine  # noqa: E402
+from anomalib.models import ReverseDistillation, Stfpm  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+IMPORT_S = time.perf_counter() - START
+
+
+class EpochClock(Callback):
+    """perf_counter() at the start and end of every training epoch."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("stfpm", "reverse_distillation"), required=True)
+    parser.add_argument("--root", required=True, help="folder holding the MVTec-layout category")
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--backbone", default=None, help="default: resnet18 (STFPM), wide_resnet50_2 (RD)")
+    parser.add_argument("--weights", help="full timm state dict for the frozen teacher/encoder; default: random")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (anomalib default 8)")
+    parser.add_argument("--out", required=True, help="JSON file for the timings")
+    return parser.parse_args()
+
+
+def without_download(create_model):
+    """timm.create_model with pretrained forced off: STFPM's teacher asks for a download we cannot make."""
+
+    def create(*args, **kwargs):
+        kwargs["pretrained"] = False
+        return create_model(*args, **kwargs)
+
+    return create
+
+
+def load_weights(extractor: torch.nn.Module, path: str) -> None:
+    """Copy a full timm state dict into anomalib's truncated feature extractor (strict)."""
+    wanted = extractor.state_dict().keys()
+    state = torch.load(path, map_location="cpu")
+    extractor.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+
+
+def build(args: argparse.Namespace):
+    size = (args.image_size, args.image_size)
+    if args.model == "stfpm":
+        timm.create_model = without_download(timm.create_model)
+        model = Stfpm(backbone=args.backbone or "resnet18", pre_processor=Stfpm.configure_pre_processor(size))
+        teacher = model.model.teacher_model.feature_extractor
+    else:
+        model = ReverseDistillation(backbone=args.backbone or "wide_resnet50_2", pre_trained=False,
+                                    pre_processor=ReverseDistillation.configure_pre_processor(size))
+        teacher = model.model.encoder.feature_extractor
+    if args.weights:
+        load_weights(teacher, args.weights)
+    return model
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(42)
+    model = build(args)
+    data_kwargs = {"num_workers": args.workers} if args.workers is not None else {}
+    datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size,
+                         eval_batch_size=args.batch_size, **data_kwargs)
+    clock = EpochClock()
+    engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir="results", max_epochs=args.epochs,
+                    limit_val_batches=0, callbacks=[clock])
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    fit_s = time.perf_counter() - start
+    # Epoch k's wall time runs from its start to the next epoch's start (checkpointing included);
+    # the last one ends at its on_train_epoch_end.
+    bounds = [*clock.starts[1:], clock.ends[-1]]
+    epoch_s = [b - a for a, b in zip(clock.starts, bounds, strict=True)]
+    out = {"import_s": IMPORT_S, "fit_s": fit_s, "epoch_s": epoch_s,
+           "threads": torch.get_num_threads(), "workers": datamodule.num_workers,
+           "anomalib": __import__("anomalib").__version__, "torch": torch.__version__}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
