@@ -242,6 +242,15 @@ def test_run_logs_epochs_to_mlflow_and_resumes_the_same_run(tmp_path, tracking_u
     assert client.get_run(run_id).data.tags["ad.resumed"] == "true"
     assert len(client.search_runs([logged.info.experiment_id])) == 1
 
+    untracked = [o for o in RUN if not o.startswith("tracking.")]
+    straight = run(compose_config(*untracked, "trainer.max_epochs=3", "trainer.eval_every=1", "tracking=none"),
+                   tmp_path / "straight")
+    assert {k: straight[k] for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")} == {
+        k: resumed[k] for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")}
+    weights = [load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"] for name in ("run", "straight")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
 
 def test_diverging_run_fails_in_mlflow_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tracking_uri):
     from helpers import compose_config
