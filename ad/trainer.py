@@ -307,8 +307,8 @@ class Trainer:
                 sums, position.loss_sums = position.loss_sums, {}
                 losses = {name: value / steps for name, value in sums.items()}
                 self.end_of_epoch(model, optimizers, scaler, position, losses, seconds, evaluate)
-                if interrupted():
-                    raise KeyboardInterrupt
+                if interrupted():  # during the epoch's last step or its end: last.pt may be epochs old
+                    self.stop(self.save(model, optimizers, scaler, position), position, steps)
 
     # -- one epoch -------------------------------------------------------------------------------
 
@@ -338,10 +338,14 @@ class Trainer:
         finally:
             bar.close()
         if interrupted() and position.step < steps:
-            path = self.save(model, optimizers, scaler, position)
-            log.warning("Stopped at epoch %d, step %d/%d; checkpoint %s (resume with trainer.resume=%s)",
-                        epoch, position.step, steps, path, path)
-            raise KeyboardInterrupt
+            self.stop(self.save(model, optimizers, scaler, position), position, steps)
+
+    def stop(self, path: Path, position: Position, steps: int) -> None:
+        """End an interrupted run after its checkpoint is written, saying how to continue it."""
+        where = (f"epoch {position.epoch + 1}, step {position.step}/{steps}" if position.step
+                 else f"the end of epoch {position.epoch}")
+        log.warning("Stopped at %s of %d; saved %s. Resume with trainer.resume=%s", where, self.epochs, path, path)
+        raise KeyboardInterrupt
 
     def update_function(self, optimizers, scaler, position: Position, steps: int):
         """The ``step(loss, optimizer)`` given to the model: finite check, backward, optimiser step."""

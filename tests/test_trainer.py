@@ -129,6 +129,17 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+def test_ctrl_c_in_an_epochs_last_step_saves_even_between_checkpoint_epochs(tmp_path):
+    straight, _ = train(tmp_path / "straight", 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", 3, model_kwargs={"interrupt_at": 6}, checkpoint_every=5,  # epoch 2, step 3 of 3
+              eval_every=1, evaluate=lambda: {"image_AUROC": 0.5})  # best.pt only after epoch 1
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"]) == (2, 0)
+    resumed, _ = train(tmp_path / "run", None, resume=tmp_path / "run" / "checkpoints" / "last.pt", init_seed=123)
+    assert_same_weights(straight, resumed)
+
+
 def test_nan_loss_stops_with_where_and_what_to_try_and_keeps_the_last_checkpoint(tmp_path):
     with pytest.raises(ADError, match=r"loss is nan at epoch 2/3, step 2/3; lower the learning rate \(model.lr"):
         train(tmp_path, 3, model_kwargs={"nan_at": 5})
