@@ -1,7 +1,8 @@
 """Command line: ``python -m ad.launch [overrides]`` composes the config with Hydra and runs it.
 
 Exit codes: 0 success, 1 a run failed (bad data, bad settings: one ``error:`` line on stderr),
-2 the overrides themselves are wrong (unknown key or option, caught before anything runs).
+2 the overrides themselves are wrong (unknown key or option, caught before anything runs),
+130 interrupted by Ctrl-C (a trained method saves a checkpoint first).
 A sweep (``-m``) runs every job even when some fail, then lists the failed ones and exits 1.
 """
 
@@ -249,6 +250,9 @@ def main() -> None:
         _hydra_main()
     except SystemExit as exc:  # e.g. Hydra reporting a launcher that gave up
         code = exc.code
+    except KeyboardInterrupt:  # the run has already saved what it could and said where
+        print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)
     failures = report_sweep()
     if code or failures:
         sys.exit(code or 1)

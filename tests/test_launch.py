@@ -151,3 +151,17 @@ def test_errors_raised_in_loader_workers_stay_one_line(tmp_path, mvtec_root):
     assert result.returncode == 1
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and victim.name in error_lines[0] and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    import ad.launch
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ad.launch, "_hydra_main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["ad.launch", "tracking=none"])
+    with pytest.raises(SystemExit) as exit_info:
+        ad.launch.main()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted (Ctrl-C)"
