@@ -236,15 +236,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
         test_s = time.perf_counter() - start
 
+        uses_backbone = model.weights_source != "none"  # GANomaly learns from pixels: no backbone to name
+        backbone_name = cfg.backbone.name if uses_backbone else "none"
         results = {
             **metrics, "fit_s": round(fit_s, 3), "test_s": round(test_s, 3), "weights": model.weights_source,
-            "model": model_name, "backbone": cfg.backbone.name, "weights_tag": cfg.backbone.get("tag"),
+            "model": model_name, "backbone": backbone_name,
+            "weights_tag": cfg.backbone.get("tag") if uses_backbone else None,
             "dataset": dataset_name, "category": category, "image_size": dataset.image_size,
             "n_train": len(dataset.train), "n_test": len(dataset.test), "device": str(device),
             "precision": precision, "seed": int(cfg.seed), "ad_version": ad.__version__, **trained,
         }
         write_json(run_dir / "metrics.json", results)
-        tracker.set_tags({"ad.weights": model.weights_source})
+        tracker.set_tags({"ad.weights": model.weights_source, "ad.backbone": backbone_name})
         tracker.log_metrics({k: float(v) for k, v in results.items() if k in metrics or k.endswith("_s")})
         tracker.log_artifact(run_dir / "metrics.json")
         log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)

@@ -162,5 +162,6 @@ def test_a_run_reports_image_metrics_only(tmp_path):
                          "model.latent_vec_size=16", "tracking=none")
     results = run(cfg, tmp_path)
     assert results["model"] == "ganomaly" and results["epochs"] == 2 and results["weights"] == "none"
+    assert results["backbone"] == "none" and results["weights_tag"] is None
     assert "image_AUROC" in results and "image_F1" in results
     assert "pixel_AUROC" not in results and "pixel_AUPRO" not in results
