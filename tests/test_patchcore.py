@@ -97,6 +97,39 @@ def test_memory_bank_is_a_seeded_coreset_of_training_patches():
     assert torch.equal(bank, models[1].memory_bank) and not torch.equal(bank, models[2].memory_bank)
 
 
+def test_greedy_order_does_not_depend_on_k():
+    features = torch.randn(800, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(k_center_greedy(features, 30, 7), k_center_greedy(features, 80, 7)[:30])
+
+
+def test_a_coreset_ratio_sweep_reuses_the_cached_greedy_order(tmp_path, monkeypatch):
+    from ad.cache import DiskCache
+
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 64, 64)
+
+    def fitted_bank(ratio: float, cache: DiskCache | None) -> torch.Tensor:
+        model = Patchcore(backbone=RESNET18, coreset_ratio=ratio, seed=1)
+        model.extractor.load_state_dict(reference.extractor.state_dict())
+        model.extractor.cache = cache
+        model.fit(batches(images), DEVICE)
+        return model.memory_bank
+
+    reference = Patchcore(backbone=RESNET18, seed=1)
+    cache = DiskCache(tmp_path / "cache", max_gb=1)
+    calls = []
+    greedy = patchcore.k_center_greedy
+    monkeypatch.setattr(patchcore, "k_center_greedy", lambda *a, **k: calls.append(a[1]) or greedy(*a, **k))
+    large = fitted_bank(0.2, cache)
+    small = fitted_bank(0.1, cache)  # a prefix of the cached order: no greedy run
+    assert len(calls) == 1
+    cache.flush()
+    assert torch.equal(small, fitted_bank(0.1, None))  # the same bank as computed from scratch
+    assert torch.equal(large, fitted_bank(0.2, None))
+    fitted_bank(0.3, cache)  # longer than the cached order: computed again
+    assert len(calls) == 4
+
+
 def test_embedding_is_pooled_upsampled_and_concatenated(fitted):
     images = torch.randn(2, 3, 64, 64)
     layer2, layer3 = (F.avg_pool2d(f, 3, 1, 1) for f in fitted.extractor(images))

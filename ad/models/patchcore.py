@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ad.backbone import FeatureExtractor
+from ad.cache import digest
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.postprocess import MapSmoother
@@ -312,7 +313,16 @@ class Patchcore(AnomalyModel):
             reduced = torch.cat(chunks)
         reduced -= reduced.mean(0)  # distances are unchanged; smaller norms mean less fp32 cancellation
         start = int(torch.randint(n, (1,), generator=generator))
-        return k_center_greedy(reduced, size, start)
+        # Farthest-first picks don't depend on k, so a sweep over coreset_ratio reuses the longest
+        # order computed on the same projected bank: any smaller coreset is its prefix.
+        cache = self.extractor.cache
+        key = digest("coreset", reduced.cpu().numpy().tobytes(), str(start)) if cache is not None else None
+        if key is not None and (order := cache.load("coreset", key)) is not None and len(order) >= size:
+            return order[:size].to(reduced.device)
+        chosen = k_center_greedy(reduced, size, start)
+        if key is not None:
+            cache.save("coreset", key, chosen.cpu())
+        return chosen
 
     def _check_memory(self, n_images: int, x: torch.Tensor, budget: int | None, device: torch.device) -> None:
         """Raise before collecting a bank (patches, projection, coreset) larger than the budget."""
