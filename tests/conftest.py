@@ -1,5 +1,8 @@
 """Shared fixtures: every test writes caches and tracking stores under its own temp folders."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 
@@ -11,3 +14,20 @@ def _isolated_cache(tmp_path_factory):
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """Create and migrate one SQLite MLflow DB per session (Alembic takes seconds per new DB)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def tracking_uri(migrated_db, tmp_path) -> str:
+    """The URI of a fresh copy of the migrated DB in this test's folder."""
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,6 +1,5 @@
 """Tests for ad.tracking against a throwaway SQLite MLflow store per test."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,21 +28,6 @@ class TinyNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
-
-
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory) -> Path:
-    """Create and migrate one SQLite MLflow DB per session (Alembic takes seconds per new DB)."""
-    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture
-def tracking_uri(migrated_db, tmp_path) -> str:
-    """Return the URI of a fresh copy of the migrated DB."""
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 @pytest.fixture(autouse=True)

@@ -208,24 +208,6 @@ RUN = ["dataset.image_size=64", "backbone.weights=random", "model=stfpm", "model
        "tracking.num_images=0"]
 
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """One migrated SQLite MLflow store, copied per test (creating one takes seconds)."""
-    from mlflow import MlflowClient
-
-    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture
-def tracking_uri(migrated_db, tmp_path) -> str:
-    import shutil
-
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
 def history(client, run_id: str, key: str) -> list[int]:
     return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
