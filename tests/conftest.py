@@ -31,3 +31,17 @@ def tracking_uri(migrated_db, tmp_path) -> str:
     """The URI of a fresh copy of the migrated DB in this test's folder."""
     shutil.copy(migrated_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: OpenMP's fork/join on a shared 2-core machine costs more than the work.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ from ad.trainer import Trainer, find_checkpoint, load_checkpoint
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP's fork/join on a shared 2-core machine costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyModel(TrainableModel):
