@@ -242,12 +242,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             **metrics, "fit_s": round(fit_s, 3), "test_s": round(test_s, 3), "weights": model.weights_source,
             "model": model_name, "backbone": backbone_name,
             "weights_tag": cfg.backbone.get("tag") if uses_backbone else None,
-            "dataset": dataset_name, "category": category, "image_size": dataset.image_size,
+            "dataset": dataset_name, "category": dataset.category, "image_size": dataset.image_size,
             "n_train": len(dataset.train), "n_test": len(dataset.test), "device": str(device),
             "precision": precision, "seed": int(cfg.seed), "ad_version": ad.__version__, **trained,
         }
         write_json(run_dir / "metrics.json", results)
-        tracker.set_tags({"ad.weights": model.weights_source, "ad.backbone": backbone_name})
+        tracker.set_tags({"ad.weights": model.weights_source, "ad.backbone": backbone_name,
+                          "ad.category": dataset.category})  # as the dataset names it (BTAD 1 -> 01)
         tracker.log_metrics({k: float(v) for k, v in results.items() if k in metrics or k.endswith("_s")})
         tracker.log_artifact(run_dir / "metrics.json")
         log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)

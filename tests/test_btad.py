@@ -121,7 +121,7 @@ def test_config_lists_products_as_strings(btad_root: Path) -> None:
 
 
 def test_end_to_end_padim(btad_root: Path, tmp_path: Path) -> None:
-    cfg = compose_config(*TINY, "dataset=btad", f"dataset.root={btad_root}", "dataset.category=01", "tracking=none")
+    cfg = compose_config(*TINY, "dataset=btad", f"dataset.root={btad_root}", "dataset.category=1", "tracking=none")
     results = run(cfg, tmp_path)
     assert (results["dataset"], results["category"]) == ("btad", "01")
     assert (results["n_train"], results["n_test"]) == (N_TRAIN, N_TEST_OK + N_TEST_KO)
