@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from scipy.spatial.distance import mahalanobis
 
 from ad.errors import ADError
-from ad.models.padim import COV_EPS, INV_EPS, Padim
+from ad.models.padim import COV_EPS, INV_EPS, Padim, nearest_index
 
 DEVICE = torch.device("cpu")
 
@@ -26,27 +26,44 @@ def test_embedding_is_concatenate_upsample_then_index(fitted):
     features = model.extractor(train[:2])
     grid = features[0].shape[-2:]
     full = torch.cat([features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]], 1)
-    expected = full[:, model.channel_idx].flatten(2).transpose(1, 2)
+    expected = full[:, model.channel_idx].flatten(2).permute(2, 0, 1)  # (P, B, C)
     torch.testing.assert_close(model.embed(train[:2]), expected)
+
+
+@pytest.mark.parametrize(("size_in", "size_out"), [(16, 64), (17, 64), (32, 63), (9, 57), (64, 64), (40, 7)])
+def test_nearest_index_picks_what_interpolate_picks(size_in, size_out):
+    rows = torch.arange(size_in, dtype=torch.float32).view(1, 1, size_in, 1)
+    expected = F.interpolate(rows, size=(size_out, 1), mode="nearest").flatten().long()
+    assert torch.equal(nearest_index(size_in, size_out), expected)
+
+
+def test_odd_image_size_embeds_like_interpolate():
+    torch.manual_seed(0)
+    model = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=30)
+    images = torch.randn(2, 3, 90, 90)  # layer grids 23, 12, 6: not multiples of each other
+    features = model.extractor(images)
+    grid = features[0].shape[-2:]
+    full = torch.cat([features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]], 1)
+    torch.testing.assert_close(model.embed(images), full[:, model.channel_idx].flatten(2).permute(2, 0, 1))
 
 
 def test_gaussian_per_position_matches_numpy(fitted):
     model, train = fitted
-    emb = model.embed(train).double().numpy()  # (N, P, C)
-    for p in (0, 37, emb.shape[1] - 1):
-        cov = np.cov(emb[:, p, :], rowvar=False) + (COV_EPS + INV_EPS) * np.eye(emb.shape[2])
-        np.testing.assert_allclose(model.mean[p].numpy(), emb[:, p].mean(0), rtol=1e-4, atol=1e-5)
+    emb = model.embed(train).double().numpy()  # (P, N, C)
+    for p in (0, 37, emb.shape[0] - 1):
+        cov = np.cov(emb[p], rowvar=False) + (COV_EPS + INV_EPS) * np.eye(emb.shape[2])
+        np.testing.assert_allclose(model.mean[p].numpy(), emb[p].mean(0), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(model.inv_cov[p].numpy(), np.linalg.inv(cov), rtol=2e-3, atol=2e-3)
 
 
 def test_distance_is_mahalanobis(fitted):
     model, _ = fitted
     image = torch.randn(1, 3, 64, 64)
-    emb = model.embed(image)
+    emb = model.embed(image)[:, 0]  # (P, C)
     delta = emb - model.mean
-    squared = torch.einsum("bpc,pcd,bpd->bp", delta, model.inv_cov, delta)[0]
-    for p in (0, 5, emb.shape[1] - 1):
-        expected = mahalanobis(emb[0, p].double(), model.mean[p].double(), model.inv_cov[p].double())
+    squared = torch.einsum("pc,pcd,pd->p", delta, model.inv_cov, delta)
+    for p in (0, 5, emb.shape[0] - 1):
+        expected = mahalanobis(emb[p].double(), model.mean[p].double(), model.inv_cov[p].double())
         assert squared[p].sqrt().item() == pytest.approx(expected, rel=1e-3)
 
 

@@ -9,9 +9,9 @@ score is the map's maximum. Matches anomalib's PaDiM, vectorised over positions.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 from ad.backbone import FeatureExtractor
 from ad.errors import ADError
@@ -24,6 +24,35 @@ PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
 #: Covariance regularisers: the paper's 0.01·I, plus anomalib's 1e-5·I before inversion.
 COV_EPS = 0.01
 INV_EPS = 1e-5
+
+
+def nearest_index(size_in: int, size_out: int, device: torch.device | None = None) -> torch.Tensor:
+    """Source rows of nearest-neighbour resizing, exactly as ``F.interpolate(mode="nearest")`` picks them."""
+    scale = torch.tensor(float(size_in), dtype=torch.float32, device=device) / size_out  # ATen's float32 scale
+    rows = torch.arange(size_out, dtype=torch.float32, device=device) * scale
+    return rows.floor().long().clamp_max(size_in - 1)
+
+
+def invert_spd_(matrices: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Invert a batch of symmetric positive definite matrices in place, by Cholesky (fast and stable).
+
+    On CPU, LAPACK factorises one small matrix at a time on one thread, so chunks of the batch go to
+    one worker thread per core (torch releases the GIL); chunking also bounds the extra memory.
+    """
+
+    def invert(start: int) -> None:
+        block = matrices[start:start + chunk]
+        block.copy_(torch.cholesky_inverse(torch.linalg.cholesky(block)))
+
+    starts = range(0, matrices.shape[0], chunk)
+    if matrices.device.type != "cpu":
+        for start in starts:
+            invert(start)
+        return matrices
+    workers = torch.get_num_threads()
+    with single_threaded(matrices.device), ThreadPoolExecutor(workers) as pool:
+        list(pool.map(invert, starts))
+    return matrices
 
 
 class Padim(AnomalyModel):
@@ -57,32 +86,40 @@ class Padim(AnomalyModel):
         self.smoother = MapSmoother(sigma=blur_sigma)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, P, C) patch embeddings on the first layer's grid."""
+        """(B, 3, H, W) images -> (P, B, C) patch embeddings on the first layer's grid, position-major.
+
+        Position-major is what the per-position statistics consume: each position's (B, C) block is
+        contiguous, so fit and test run batched GEMMs on it without another copy.
+        """
         features = self.extractor(images)
-        grid = features[0].shape[-2:]
-        parts, start = [], 0
+        h, w = features[0].shape[-2:]
+        out = features[0].new_empty(h, w, images.shape[0], len(self.channel_idx))
+        start = column = 0
         for feature in features:  # pick each layer's channels first: unused ones are never upsampled
             stop = start + feature.shape[1]
             keep = self.channel_idx[(self.channel_idx >= start) & (self.channel_idx < stop)] - start
-            part = feature[:, keep]
-            parts.append(part if part.shape[-2:] == grid else F.interpolate(part, size=grid, mode="nearest"))
-            start = stop
-        return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+            part = feature.permute(2, 3, 0, 1)[..., keep]  # (h_l, w_l, B, kept)
+            if part.shape[:2] != (h, w):
+                rows, cols = nearest_index(part.shape[0], h, part.device), nearest_index(part.shape[1], w, part.device)
+                part = part[rows][:, cols]
+            out[..., column:column + len(keep)] = part
+            start, column = stop, column + len(keep)
+        return out.view(h * w, images.shape[0], -1)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[dict], device: torch.device) -> None:
         """Streaming mean and covariance per position: memory is one (P, C, C) accumulator."""
         count, shift, s1, s2 = 0, None, None, None
         for batch in batches:
-            x = self.embed(batch["image"].to(device))
+            x = self.embed(batch["image"].to(device))  # (P, B, C)
             if shift is None:  # shifting by a first estimate keeps the fp32 sums well conditioned
-                shift = x.mean(0)
-                s1 = torch.zeros_like(shift)
-                s2 = x.new_zeros(shift.shape + shift.shape[-1:])
-            d = (x - shift).transpose(0, 1).contiguous()  # (P, B, C): one GEMM per position, no copies
+                shift = x.mean(1, keepdim=True)
+                s1 = torch.zeros_like(shift[:, 0])
+                s2 = x.new_zeros(s1.shape + s1.shape[-1:])
+            d = x.sub_(shift)
             s1 += d.sum(1)
             torch.baddbmm(s2, d.transpose(1, 2), d, out=s2)  # accumulate in place: no (P, C, C) temporary
-            count += x.shape[0]
+            count += x.shape[1]
         if count < 2:
             raise ADError(f"dataset: PaDiM needs at least 2 training images, got {count}")
         mean_d = s1 / count
@@ -90,16 +127,13 @@ class Padim(AnomalyModel):
         cov = torch.baddbmm(s2, mean_d.unsqueeze(-1), mean_d.unsqueeze(-2), beta=1 / (count - 1),
                             alpha=-count / (count - 1), out=s2)
         cov.diagonal(dim1=-2, dim2=-1).add_(COV_EPS + INV_EPS)
-        with single_threaded(cov.device):
-            for start in range(0, cov.shape[0], 512):  # in place, chunked: bounded extra memory
-                chunk = cov[start:start + 512]  # symmetric positive definite: Cholesky is the fast, stable inverse
-                cov[start:start + 512] = torch.cholesky_inverse(torch.linalg.cholesky(chunk))
-        self.mean, self.inv_cov = shift + mean_d, cov
+        invert_spd_(cov)
+        self.mean, self.inv_cov = shift[:, 0] + mean_d, cov
 
     def forward(self, images: torch.Tensor) -> Prediction:
         if self.inv_cov.numel() == 0:
             raise RuntimeError("Padim.forward called before fit")
-        delta = (self.embed(images) - self.mean).transpose(0, 1).contiguous()  # (P, B, C)
+        delta = self.embed(images).sub_(self.mean.unsqueeze(1))  # (P, B, C)
         squared = (torch.bmm(delta, self.inv_cov) * delta).sum(-1).T  # (B, P)
         h, w = (s // self.extractor.reductions[0] for s in images.shape[-2:])
         distances = squared.clamp_min(0).sqrt().reshape(-1, h, w)
