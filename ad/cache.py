@@ -1,5 +1,8 @@
 """A bounded on-disk cache shared by runs and sweep jobs: decoded images and backbone features.
 
+Tensors are stored with ``torch.save``; plain arrays (decoded images) as ``.npy``, so that writing
+and reading those needs numpy only (torch is imported on first tensor use).
+
 Entries are content-addressed (the key hashes everything that determines the value), written to a
 temporary file and renamed into place, so concurrent writers and interrupted runs can never leave a
 half-written entry: a reader sees the whole file or none. Reads refresh an entry's modification
@@ -16,7 +19,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,18 @@ def digest(*parts: bytes | str) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
+
+
+def _torch_save(value, file) -> None:
+    """``torch.save`` in the plain pickle format: 4x faster to write than the zip format for the
+    multi-megabyte feature entries (measured), and read back by ``torch.load(weights_only=True)`` alike.
+    """
+    import torch  # not at the top: decoding images into the cache needs no torch
+
+    try:
+        torch.save(value, file, _use_new_zipfile_serialization=False)
+    except TypeError:  # a torch without the legacy writer
+        torch.save(value, file)
 
 
 class DiskCache:
@@ -69,13 +84,44 @@ class DiskCache:
             future.result()
         self._pending.clear()
 
-    def _path(self, kind: str, key: str) -> Path:
-        return self.root / f"{kind}-v{CACHE_VERSION}" / key[:2] / f"{key}.pt"
+    def _path(self, kind: str, key: str, suffix: str = ".pt") -> Path:
+        return self.root / f"{kind}-v{CACHE_VERSION}" / key[:2] / f"{key}{suffix}"
+
+    def contains_array(self, kind: str, key: str) -> bool:
+        """Whether an array entry is stored, without reading it."""
+        return self._path(kind, key, ".npy").is_file()
+
+    def load_array(self, kind: str, key: str) -> np.ndarray | None:
+        """The cached array, or None when absent or unreadable (a damaged entry is removed)."""
+        path = self._path(kind, key, ".npy")
+        try:
+            value = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, never an error
+            log.warning("dropping unreadable cache entry %s (%s)", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        self._touch(path)
+        return value
+
+    def save_array(self, kind: str, key: str, array: np.ndarray) -> None:
+        """Write an array entry atomically (see ``save``)."""
+        self._write(self._path(kind, key, ".npy"), lambda tmp: np.save(tmp, array, allow_pickle=False))
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        try:
+            os.utime(path)  # mark as recently used for eviction
+        except OSError:
+            pass
 
     def load(self, kind: str, key: str):
         """The cached value, or None when absent or unreadable (a damaged entry is removed)."""
         if (queued := self._in_flight.get((kind, key))) is not None:
             return queued
+        import torch
+
         path = self._path(kind, key)
         try:
             value = torch.load(path, map_location="cpu", weights_only=True)
@@ -85,23 +131,28 @@ class DiskCache:
             log.warning("dropping unreadable cache entry %s (%s)", path, exc)
             path.unlink(missing_ok=True)
             return None
-        try:
-            os.utime(path)  # mark as recently used for eviction
-        except OSError:
-            pass
+        self._touch(path)
         return value
 
     def save(self, kind: str, key: str, value) -> None:
         """Write atomically: temp file in the same folder, then rename over the final name."""
-        path = self._path(kind, key)
+        self._write(self._path(kind, key), lambda tmp: _torch_save(value, tmp))
+
+    @staticmethod
+    def _write(path: Path, write) -> None:
+        """Run ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer, threads included
         try:
-            torch.save(value, tmp)
+            with open(tmp, "wb") as file:
+                write(file)
             os.replace(tmp, path)
         except OSError as exc:  # a full or read-only disk degrades to no caching, not a failed run
             tmp.unlink(missing_ok=True)
             log.warning("feature cache write failed at %s: %s", path, exc)
+        except BaseException:  # interrupted (Ctrl-C, a stopped prefetcher): leave no temp file behind
+            tmp.unlink(missing_ok=True)
+            raise
 
     def evict(self) -> int:
         """Delete least recently used entries until the cache fits its bound; returns bytes freed."""

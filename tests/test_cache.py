@@ -4,6 +4,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -108,11 +109,20 @@ def test_decoded_images_are_reused_until_the_file_changes(tmp_path):
     cached = dataset.test_set(cache)
     assert torch.equal(cached[1]["image"], fresh["image"]) and torch.equal(cached[1]["mask"], fresh["mask"])
     assert torch.equal(cached[1]["image"], fresh["image"])  # served from the cache now
-    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1
     path = dataset.test[1].image
     os.utime(path, (time.time() + 5, time.time() + 5))  # a rewritten file has a new signature
     cached[1]
-    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+
+
+def test_damaged_array_entry_is_a_miss_and_is_removed(tmp_path):
+    cache = DiskCache(tmp_path)
+    cache.save_array("images", "k", np.arange(12, dtype=np.uint8).reshape(2, 2, 3))
+    np.testing.assert_array_equal(cache.load_array("images", "k"), np.arange(12).reshape(2, 2, 3))
+    path = next(tmp_path.rglob("*.npy"))
+    path.write_bytes(path.read_bytes()[:-5])
+    assert cache.load_array("images", "k") is None and not path.exists()
 
 
 def test_second_run_reuses_features_and_gives_identical_results(tmp_path, monkeypatch):

@@ -1,14 +1,6 @@
 """Datasets for anomaly detection: MVTec AD, BTAD and VisA layouts, plain folders, and a built-in synthetic one."""
 
-from ad.data.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AnomalyDataset,
-    ImageDataset,
-    Sample,
-    denormalize,
-    normalize,
-)
+from ad.data.base import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, Sample
 from ad.data.btad import BTAD
 from ad.data.folder import Folder
 from ad.data.io import IMAGE_EXTENSIONS, read_image, read_mask
@@ -35,3 +27,15 @@ __all__ = [
     "read_image",
     "read_mask",
 ]
+
+#: Names that need torch, loaded on first use: finding and decoding files (the start-up prefetch
+#: side process, ``ad.prefetch``) then never pays for importing torch.
+_TENSOR_NAMES = {"ImageDataset", "denormalize", "normalize"}
+
+
+def __getattr__(name: str):
+    if name in _TENSOR_NAMES:
+        from ad.data import tensors
+
+        return getattr(tensors, name)
+    raise AttributeError(f"module 'ad.data' has no attribute {name!r}")
