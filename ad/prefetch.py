@@ -1,0 +1,106 @@
+"""Decode a run's images into the disk cache in a side process while the main process starts up.
+
+A run spends its first seconds importing torch, timm and MLflow, which keeps one core busy and
+leaves the other idle. Decoding and resizing the dataset's images (about 20 ms per 900 px PNG)
+on that idle core means fit and test then read them from the cache instead of decoding them
+between backbone passes. The side process only ever adds cache entries (written atomically, as
+every entry is); it never reports errors, since the run itself meets the same bad file and says
+so. It runs at low priority, so once the backbone needs both cores it steps aside, and the run
+decodes whatever is still missing itself.
+
+This module is imported by the command line before torch is: keep its top level light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+#: The side process's niceness: it gets the core nobody else wants, never the backbone's.
+NICENESS = 10
+
+
+def wanted(cfg: DictConfig) -> bool:
+    """Prefetch only with the cache on (it is where decoded images go) and ``trainer.prefetch`` set."""
+    trainer = cfg.get("trainer") or {}
+    return bool(trainer.get("feature_cache", False)) and bool(trainer.get("prefetch", True))
+
+
+def spec(cfg: DictConfig) -> str | None:
+    """The side process's instructions (YAML): the resolved dataset node and where the cache is.
+
+    None when the dataset config cannot be resolved: the run will then say what is wrong.
+    """
+    try:
+        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    except Exception:  # noqa: BLE001 - a broken config is the run's error to report, not ours
+        return None
+    if "download" in dataset:
+        dataset["download"] = False  # downloading is the run's job, with its progress bar and lock
+    trainer = cfg.trainer
+    return OmegaConf.to_yaml({"dataset": dataset, "cache_dir": trainer.get("cache_dir"),
+                              "cache_max_gb": float(trainer.get("cache_max_gb", 20))})
+
+
+@contextlib.contextmanager
+def prefetch_images(cfg: DictConfig) -> Iterator[subprocess.Popen | None]:
+    """Run the side process for the duration of the block (stopped at its end if still going)."""
+    instructions = spec(cfg) if wanted(cfg) else None
+    process = None
+    if instructions is not None:
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "ad.prefetch"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C goes to the run, not here
+                text=True,
+            )
+            process.stdin.write(instructions)
+            process.stdin.close()
+        except OSError:  # could not start a process: the run decodes everything itself
+            process = None
+    try:
+        yield process
+    finally:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+
+
+def warm(instructions: str) -> int:
+    """Decode every train and test image of the dataset into the cache; return how many were decoded."""
+    from hydra.utils import instantiate
+
+    from ad.cache import DiskCache
+    from ad.data.base import warm as warm_sample
+    from ad.errors import ADError
+
+    settings = OmegaConf.create(instructions)
+    dataset = instantiate(settings.dataset)
+    cache = DiskCache(settings.cache_dir, max_gb=settings.cache_max_gb)
+    decoded = 0
+    for sample in [*dataset.train, *dataset.test]:  # the order the run reads them in
+        try:
+            decoded += warm_sample(sample, dataset.image_size, cache)
+        except ADError:  # a bad file: the run will name it
+            continue
+    return decoded
+
+
+def main() -> None:
+    """Entry point of the side process: instructions on stdin, nothing on stdout, exit 0 regardless."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped prefetch removes its temp file
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
+    with contextlib.suppress(Exception):
+        warm(sys.stdin.read())
+
+
+if __name__ == "__main__":
+    main()
