@@ -230,6 +230,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         else:
             model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
         fit_s = time.perf_counter() - start
+        tracker.log_model(model)  # a copy, stored in the background while the test split is scored
 
         start = time.perf_counter()
         outputs = score(model, test_loader, device, keep_maps)
@@ -252,7 +253,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.log_metrics({k: float(v) for k, v in results.items() if k in metrics or k.endswith("_s")})
         tracker.log_artifact(run_dir / "metrics.json")
         log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)
-        tracker.log_model(model.cpu())
         tracker.wait()
         if cache is not None:
             cache.evict()

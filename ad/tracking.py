@@ -6,6 +6,7 @@ MLflow is imported lazily so that ``tracking=none`` works without it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import time
@@ -40,6 +41,7 @@ class Tracker:
 
     run_id: str | None = None
     num_images: int = 0  # how many anomaly-map panels the orchestrator should render and log
+    save_model: bool = False  # whether log_model stores anything
 
     def start(
         self, cfg: DictConfig, run_dir: Path, run_name: str, tags: dict[str, str], resume_run_id: str | None = None
@@ -510,8 +512,11 @@ class BackgroundTracker(Tracker):
         return self.inner.run_id
 
     def _submit(self, method: str, *args, **kwargs) -> None:
+        self._submit_call(getattr(self.inner, method), *args, **kwargs)
+
+    def _submit_call(self, call, *args, **kwargs) -> None:
         self._raise_failures(block=False)
-        self._pending.append(self._pool.submit(getattr(self.inner, method), *args, **kwargs))
+        self._pending.append(self._pool.submit(call, *args, **kwargs))
 
     def _raise_failures(self, block: bool) -> None:
         """Re-raise the first failed call (waiting for all of them when ``block``)."""
@@ -549,7 +554,11 @@ class BackgroundTracker(Tracker):
         self._submit("log_image", image, name)
 
     def log_model(self, model: torch.nn.Module, name: str = "model") -> None:
-        self._submit("log_model", model, name)
+        """Log a copy taken now, moved to the CPU on the worker: the run goes on scoring with the model."""
+        if not self.inner.save_model:
+            return
+        snapshot = copy.deepcopy(model)
+        self._submit_call(lambda: self.inner.log_model(snapshot.cpu(), name))
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Finish whatever is queued, then end the run; a queued failure turns FINISHED into FAILED."""
