@@ -205,10 +205,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def run_job(cfg: DictConfig) -> float | None:
     """One run (a sweep job, or the whole command): its result for a sweeper, or None if it failed."""
-    from ad.run import run  # heavy imports (torch, mlflow) only once the config is known to be valid
+    from ad.run import RESULT_KEYS, run  # heavy imports (torch, mlflow) only once the config is known to be valid
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    metric = str(cfg.get("optimized_metric", "image_AUROC"))
     try:
+        if metric not in RESULT_KEYS:  # a typo would otherwise fail every sweep trial, silently
+            raise ADError(f"optimized_metric: '{metric}' is not a result; use one of {', '.join(RESULT_KEYS)}")
         results = run(cfg, output_dir)
     except Exception as exc:
         if not in_multirun():
@@ -227,7 +230,7 @@ def run_job(cfg: DictConfig) -> float | None:
         print(f"error: {message}", file=sys.stderr, flush=True)
         record_failure(output_dir, message)
         return None  # Optuna counts a None as a failed trial and goes on
-    return results.get(cfg.get("optimized_metric", "image_AUROC"))
+    return results.get(metric)  # None where the method has no such result (pixel metrics without maps)
 
 
 def report_sweep() -> int:

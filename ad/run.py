@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Metric columns of the published tables, in display order.
 METRIC_KEYS = ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO")
+#: Results a sweeper may optimise (``optimized_metric``).
+RESULT_KEYS = (*METRIC_KEYS, "fit_s", "test_s")
 
 
 @dataclass

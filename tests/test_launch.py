@@ -165,3 +165,48 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
         ad.launch.main()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "error: interrupted (Ctrl-C)"
+
+
+@pytest.fixture
+def hydra_job(tmp_path):
+    """The Hydra context a job runs in, for calling ``run_job`` directly."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from ad.launch import CONF_DIR
+
+    def make(*overrides: str):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, f"hydra.runtime.output_dir={tmp_path}"],
+                          return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield make
+    HydraConfig.instance().cfg = None
+
+
+def test_the_sweeper_gets_the_optimized_metric(hydra_job, monkeypatch):
+    import ad.launch
+    import ad.run
+
+    monkeypatch.setattr(ad.run, "run", lambda cfg, run_dir: {"image_AUROC": 0.9, "pixel_AUPRO": 0.4, "fit_s": 2.0})
+    assert ad.launch.run_job(hydra_job("tracking=none")) == 0.9
+    assert ad.launch.run_job(hydra_job("tracking=none", "optimized_metric=pixel_AUPRO")) == 0.4
+    assert ad.launch.run_job(hydra_job("tracking=none", "optimized_metric=fit_s")) == 2.0
+    assert ad.launch.run_job(hydra_job("tracking=none", "optimized_metric=pixel_AUROC")) is None  # not produced
+
+
+def test_an_unknown_optimized_metric_is_one_line_before_the_run(hydra_job, monkeypatch, capsys):
+    import ad.launch
+    import ad.run
+
+    def must_not_run(cfg, run_dir):
+        raise AssertionError("ran")
+
+    monkeypatch.setattr(ad.run, "run", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        ad.launch.run_job(hydra_job("tracking=none", "optimized_metric=image_AUC"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: optimized_metric: 'image_AUC' is not a result") and "image_AUROC" in err
