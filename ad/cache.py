@@ -48,7 +48,7 @@ def _torch_save(value, file) -> None:
     """``torch.save`` in the plain pickle format: 4x faster to write than the zip format for the
     multi-megabyte feature entries (measured), and read back by ``torch.load(weights_only=True)`` alike.
     """
-    import torch  # not at the top: decoding images into the cache needs no torch
+    import torch
 
     try:
         torch.save(value, file, _use_new_zipfile_serialization=False)
@@ -93,45 +93,35 @@ class DiskCache:
 
     def load_array(self, kind: str, key: str) -> np.ndarray | None:
         """The cached array, or None when absent or unreadable (a damaged entry is removed)."""
-        path = self._path(kind, key, ".npy")
-        try:
-            value = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, never an error
-            log.warning("dropping unreadable cache entry %s (%s)", path, exc)
-            path.unlink(missing_ok=True)
-            return None
-        self._touch(path)
-        return value
+        return self._read(self._path(kind, key, ".npy"), lambda path: np.load(path, allow_pickle=False))
 
     def save_array(self, kind: str, key: str, array: np.ndarray) -> None:
         """Write an array entry atomically (see ``save``)."""
         self._write(self._path(kind, key, ".npy"), lambda tmp: np.save(tmp, array, allow_pickle=False))
 
-    @staticmethod
-    def _touch(path: Path) -> None:
-        try:
-            os.utime(path)  # mark as recently used for eviction
-        except OSError:
-            pass
-
     def load(self, kind: str, key: str):
         """The cached value, or None when absent or unreadable (a damaged entry is removed)."""
         if (queued := self._in_flight.get((kind, key))) is not None:
             return queued
-        import torch
+        import torch  # not at the top: decoding images into the cache needs no torch
 
-        path = self._path(kind, key)
+        return self._read(self._path(kind, key), lambda path: torch.load(path, map_location="cpu", weights_only=True))
+
+    @staticmethod
+    def _read(path: Path, read):
+        """``read(path)``, or None when the entry is absent or unreadable (then it is removed)."""
         try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
+            value = read(path)
         except FileNotFoundError:
             return None
         except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, never an error
             log.warning("dropping unreadable cache entry %s (%s)", path, exc)
             path.unlink(missing_ok=True)
             return None
-        self._touch(path)
+        try:
+            os.utime(path)  # mark as recently used for eviction
+        except OSError:
+            pass
         return value
 
     def save(self, kind: str, key: str, value) -> None:
