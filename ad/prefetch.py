@@ -62,15 +62,21 @@ def prefetch_images(cfg: DictConfig) -> Iterator[subprocess.Popen | None]:
             )
             process.stdin.write(instructions)
             process.stdin.close()
-        except OSError:  # could not start a process: the run decodes everything itself
+        except OSError:  # could not start it, or it died at once: the run decodes everything itself
+            stop(process)
             process = None
     try:
         yield process
     finally:
-        if process is not None and process.poll() is None:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
+        stop(process)
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    """Terminate the side process if it is still running (its temp file is removed on SIGTERM)."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
 
 
 def warm(instructions: str) -> int:
