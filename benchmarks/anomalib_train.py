@@ -1,15 +1,30 @@
-"""Time anomalib 2.x's CFlow or GANomaly training epochs on one MVTec-layout category, under anomalib's own Python.
+"""Time anomalib 2.x's training epochs (STFPM, Reverse Distillation, CFlow, GANomaly) on one MVTec-layout category.
 
+Runs under anomalib's own Python:
+
+    /tmp/anomalib-venv/bin/python benchmarks/anomalib_train.py --model stfpm --root DIR --category bottle \
+        --weights resnet18.pth --epochs 3 --out r.json
     /tmp/anomalib-venv/bin/python benchmarks/anomalib_train.py --model cflow --root DIR --category bottle \
         --backbone resnet18 --image-size 128 --epochs 3 --out r.json
 
-Settings are anomalib's defaults except where noted: ``Cflow(backbone=--backbone, pre_trained=False)``
-(layers 2-4, 8 coupling blocks, condition 128, fiber batches of 64) or ``Ganomaly(batch_size=...)``
-(64 features, latent 100), each with the default pre-processor resizing to ``--image-size``;
-``MVTecAD`` datamodule with its default workers (8 unless ``--workers``) and ``--batch-size`` for
-training; ``Engine(accelerator="cpu", devices=1, max_epochs=--epochs)`` without a logger and with
-validation turned off (``limit_val_batches=0``), so an epoch is training only, as ad's
-``train/epoch_s``. A Lightning callback records each training epoch's wall seconds; written as JSON.
+Settings are anomalib's defaults except where noted, each model with its default pre-processor
+resizing to ``--image-size``:
+
+- ``Stfpm(backbone=--backbone)`` (layers 1-3, SGD lr 0.4); its teacher is built with
+  ``pre_trained=True`` hard-coded, so timm's download is turned off here and ``--weights`` (a full
+  timm state dict) is copied in instead;
+- ``ReverseDistillation(backbone=--backbone, pre_trained=False)`` (layers 1-3, add maps, Adam lr
+  0.005), its encoder loading ``--weights``;
+- ``Cflow(backbone=--backbone, pre_trained=False)`` (layers 2-4, 8 coupling blocks, condition 128,
+  fiber batches of 64);
+- ``Ganomaly(batch_size=--batch-size)`` (64 features, latent 100).
+
+``MVTecAD`` datamodule with its default workers (8 unless ``--workers``) and ``--batch-size``;
+``Engine(accelerator="cpu", devices=1, max_epochs=--epochs)`` without a logger, with its default
+checkpointing and with validation off (``limit_val_batches=0``), so an epoch is training only. A
+Lightning callback records when each training epoch starts and ends. The JSON written holds
+``epoch_s`` (start to end of each epoch's training: what ad's ``train/epoch_s`` measures) and
+``epoch_wall_s`` (start to the next epoch's start, so checkpoint writing included).
 """
 
 from __future__ import annotations
@@ -25,48 +40,86 @@ from pathlib import Path  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub
 
+import timm  # noqa: E402
 import torch  # noqa: E402
 from anomalib.data import MVTecAD  # noqa: E402
 from anomalib.engine import Engine  # noqa: E402
-from anomalib.models import Cflow, Ganomaly  # noqa: E402
+from anomalib.models import Cflow, Ganomaly, ReverseDistillation, Stfpm  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 IMPORT_S = time.perf_counter() - START
+#: The frozen pretrained network each model can load ``--weights`` into, and its default backbone.
+DEFAULT_BACKBONES = {"stfpm": "resnet18", "reverse_distillation": "wide_resnet50_2", "cflow": "wide_resnet50_2"}
 
 
-class EpochTimer(Callback):
-    """Wall seconds of every training epoch (validation is off, so this is the whole epoch)."""
+class EpochClock(Callback):
+    """perf_counter() at the start and end of every training epoch."""
 
     def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
+        self.starts: list[float] = []
+        self.ends: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
+        self.starts.append(time.perf_counter())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
+        self.ends.append(time.perf_counter())
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("cflow", "ganomaly"), required=True)
+    parser.add_argument("--model", choices=("stfpm", "reverse_distillation", "cflow", "ganomaly"), required=True)
     parser.add_argument("--root", required=True, help="folder holding the MVTec-layout category")
     parser.add_argument("--category", default="bottle")
-    parser.add_argument("--backbone", default="wide_resnet50_2", help="CFlow encoder (anomalib default)")
+    parser.add_argument("--backbone", default=None,
+                        help="default: resnet18 (STFPM), wide_resnet50_2 (RD, CFlow); GANomaly has none")
+    parser.add_argument("--weights", help="full timm state dict for STFPM's teacher or RD's encoder; default: random")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (anomalib default 8)")
     parser.add_argument("--out", required=True, help="JSON file for the timings")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.weights and args.model not in ("stfpm", "reverse_distillation"):
+        parser.error("--weights: only STFPM's teacher and RD's encoder load a weights file here")
+    return args
+
+
+def without_download(create_model):
+    """timm.create_model with pretrained forced off: STFPM's teacher asks for a download we cannot make."""
+
+    def create(*args, **kwargs):
+        kwargs["pretrained"] = False
+        return create_model(*args, **kwargs)
+
+    return create
+
+
+def load_weights(extractor: torch.nn.Module, path: str) -> None:
+    """Copy a full timm state dict into anomalib's truncated feature extractor (strict)."""
+    wanted = extractor.state_dict().keys()
+    state = torch.load(path, map_location="cpu")
+    extractor.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
 
 
 def build(args: argparse.Namespace):
     size = (args.image_size, args.image_size)
+    backbone = args.backbone or DEFAULT_BACKBONES.get(args.model)
+    if args.model == "ganomaly":
+        return Ganomaly(batch_size=args.batch_size, pre_processor=Ganomaly.configure_pre_processor(size))
     if args.model == "cflow":
-        return Cflow(backbone=args.backbone, pre_trained=False, pre_processor=Cflow.configure_pre_processor(size))
-    return Ganomaly(batch_size=args.batch_size, pre_processor=Ganomaly.configure_pre_processor(size))
+        return Cflow(backbone=backbone, pre_trained=False, pre_processor=Cflow.configure_pre_processor(size))
+    if args.model == "stfpm":
+        timm.create_model = without_download(timm.create_model)
+        model = Stfpm(backbone=backbone, pre_processor=Stfpm.configure_pre_processor(size))
+        frozen = model.model.teacher_model.feature_extractor
+    else:
+        model = ReverseDistillation(backbone=backbone, pre_trained=False,
+                                    pre_processor=ReverseDistillation.configure_pre_processor(size))
+        frozen = model.model.encoder.feature_extractor
+    if args.weights:
+        load_weights(frozen, args.weights)
+    return model
 
 
 def main() -> None:
@@ -76,12 +129,17 @@ def main() -> None:
     data_kwargs = {"num_workers": args.workers} if args.workers is not None else {}
     datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size,
                          eval_batch_size=args.batch_size, **data_kwargs)
-    timer = EpochTimer()
+    clock = EpochClock()
     engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir="results", max_epochs=args.epochs,
-                    limit_val_batches=0, callbacks=[timer])
+                    limit_val_batches=0, callbacks=[clock])
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
-    out = {"import_s": IMPORT_S, "fit_s": time.perf_counter() - start, "epoch_s": timer.seconds,
+    fit_s = time.perf_counter() - start
+    # Epoch k's wall time runs to the next epoch's start; the last one ends at its on_train_epoch_end.
+    bounds = [*clock.starts[1:], clock.ends[-1]]
+    out = {"import_s": IMPORT_S, "fit_s": fit_s,
+           "epoch_s": [end - begin for begin, end in zip(clock.starts, clock.ends, strict=True)],
+           "epoch_wall_s": [end - begin for begin, end in zip(clock.starts, bounds, strict=True)],
            "threads": torch.get_num_threads(), "workers": datamodule.num_workers,
            "anomalib": __import__("anomalib").__version__, "torch": torch.__version__}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
