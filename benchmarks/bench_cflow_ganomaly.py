@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_padim import HERE, OFFLINE_ENV, machine_info, prepare_data, progress
+from bench_padim import HERE, OFFLINE_ENV, machine_info, prepare_data, progress, publish
 
 MODELS = ("cflow", "ganomaly")
 TARGET_RATIO = 0.5
@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "models": {m: {lib: elementwise_min(r) for lib, r in libs.items()} for m, libs in runs.items()},
         "raw": runs,
     }
-    print(format_report(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return publish(results, format_report(results), args.out)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_padim import HERE, machine_info, prepare_data, progress, secs, timed
+from bench_padim import HERE, machine_info, prepare_data, progress, publish, secs, timed
 
 #: Each model's default backbone in both libraries (ad: conf/model/<name>.yaml; anomalib: its signature).
 BACKBONES = {"padim": "resnet18", "patchcore": "wide_resnet50_2", "dfm": "resnet50", "dfkde": "resnet18"}
@@ -291,11 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     results["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    print(format_report(results), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        progress(f"results written to {args.out}")
-    return results
+    return publish(results, format_report(results), args.out)
 
 
 if __name__ == "__main__":

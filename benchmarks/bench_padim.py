@@ -48,6 +48,15 @@ TARGET_ANOMALIB_RATIO = 1 / 3  # ad whole command <= 1/3 of anomalib's
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def publish(results: dict, report: str, out: str | None) -> dict:
+    """Print the report (stdout holds only tables) and, with ``--out``, write the results as JSON."""
+    print(report, flush=True)
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        progress(f"results written to {out}")
+    return results
+
+
 def progress(message: str) -> None:
     """One line per step on stderr, so the table on stdout stays clean."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -441,11 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(format_report(results), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        progress(f"results written to {args.out}")
-    return results
+    return publish(results, format_report(results), args.out)
 
 
 if __name__ == "__main__":

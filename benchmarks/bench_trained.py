@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from bench_padim import HERE, machine_info, prepare_data, progress, timed
+from bench_padim import HERE, machine_info, prepare_data, progress, publish, timed
 
 BACKBONES = {"stfpm": "resnet18", "reverse_distillation": "wide_resnet50_2"}
 TARGET_RATIO = 0.5  # ad epoch seconds / anomalib epoch seconds, at most
@@ -146,10 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  args.epochs, args.workers, work)
             progress(json.dumps({k: v["epoch_s"] for k, v in entry.items()}))
             results["models"][model] = {"backbone": backbone, **entry}
-    print(format_report(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return publish(results, format_report(results), args.out)
 
 
 if __name__ == "__main__":
