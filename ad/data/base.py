@@ -75,16 +75,22 @@ def load_decoded(sample: Sample, image_size: int, cache: DiskCache | None) -> tu
     if (packed := cache.load_array("images", key)) is not None:
         return packed[..., :3], packed[..., 3]
     image, mask = decode(sample, image_size)
-    cache.save_array("images", key, np.concatenate([image, mask[..., None]], axis=-1))
+    _store(cache, key, image, mask)
     return image, mask
 
 
 def warm(sample: Sample, image_size: int, cache: DiskCache) -> bool:
-    """Decode ``sample`` into the cache unless it is there already; True if it decoded."""
-    if cache.contains_array("images", sample_key(sample, image_size)):
+    """Decode ``sample`` into the cache unless it is there already (not read back); True if it decoded."""
+    key = sample_key(sample, image_size)
+    if cache.contains_array("images", key):
         return False
-    load_decoded(sample, image_size, cache)
+    _store(cache, key, *decode(sample, image_size))
     return True
+
+
+def _store(cache: DiskCache, key: str, image: np.ndarray, mask: np.ndarray) -> None:
+    """Cache a decoded sample packed as one (S, S, 4) uint8 array."""
+    cache.save_array("images", key, np.concatenate([image, mask[..., None]], axis=-1))
 
 
 class AnomalyDataset:
