@@ -57,7 +57,7 @@ def _torch_save(value, file) -> None:
 
 
 class DiskCache:
-    """Tensors (or dicts/lists of tensors) stored one file per key under ``root/<kind>/``."""
+    """Tensors (or dicts/lists of tensors) and numpy arrays, stored one file per key under ``root/<kind>/``."""
 
     def __init__(self, root: str | Path | None = None, max_gb: float = 20.0) -> None:
         self.root = Path(root).expanduser() if root else default_cache_dir()

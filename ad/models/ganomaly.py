@@ -143,7 +143,7 @@ class Ganomaly(TrainableModel):
     ) -> None:
         super().__init__()
         # GANomaly learns its own networks and uses no backbone; of the backbone config the run passes
-        # every model it takes only the layout: channels_last makes a training step ~20% faster on CPU.
+        # every model it takes only the layout: channels_last makes a training step ~7% faster on CPU.
         self.channels_last = bool((backbone or {}).get("channels_last", False))
         side = next_power_of_two(int(image_size))
         if side < MIN_SIDE:
