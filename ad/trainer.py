@@ -220,7 +220,8 @@ class Trainer:
     Args:
         run_dir: the run folder; checkpoints go to ``run_dir/checkpoints``.
         device: where to train.
-        precision: autocast dtype on GPU (None = fp32); CPU training is always fp32.
+        precision: autocast dtype of the training steps (None = fp32), on GPU and CPU alike: ``auto``
+            resolves to bf16 only where the hardware runs it natively (see ``resolve_precision``).
         tracker: receives per-epoch metrics (step = epoch number).
         max_epochs: epochs to train; None = the checkpoint's count when resuming, else the model's default.
         batch_size, num_workers: of the shuffled training loader.
@@ -260,7 +261,7 @@ class Trainer:
             raise ADError(f"trainer.monitor: '{self.monitor}' is an evaluation metric but evaluation is off; "
                           f"set trainer.eval_every=N or trainer.monitor=loss")
         self.run_dir, self.device, self.tracker = Path(run_dir), device, tracker
-        self.amp_dtype = precision if device.type == "cuda" else None
+        self.amp_dtype = precision
         self.max_epochs, self.batch_size, self.num_workers = max_epochs, batch_size, num_workers
         self.seed, self.checkpoint_every, self.resume_from = seed, checkpoint_every, resume_from
         self.checkpoint_dir = self.run_dir / "checkpoints"

@@ -73,12 +73,13 @@ class Recorder(Tracker):
 
 
 def train(run_dir: Path, epochs: int | None, resume: Path | None = None, init_seed: int = 0, model_class=TinyModel,
-          model_kwargs: dict | None = None, evaluate=None, **kwargs) -> tuple[TrainableModel, Recorder]:
+          model_kwargs: dict | None = None, evaluate=None, precision: torch.dtype | None = None,
+          **kwargs) -> tuple[TrainableModel, Recorder]:
     """Seed, build a TinyModel, train it; a different ``init_seed`` proves a resume restores everything."""
     torch.manual_seed(init_seed)
     model = model_class(**(model_kwargs or {}))
     tracker = Recorder()
-    trainer = Trainer(run_dir, CPU, None, tracker, max_epochs=epochs, batch_size=4, resume_from=resume, **kwargs)
+    trainer = Trainer(run_dir, CPU, precision, tracker, max_epochs=epochs, batch_size=4, resume_from=resume, **kwargs)
     trainer.fit(model, Images(), evaluate)
     return model, tracker
 
@@ -107,6 +108,33 @@ def test_resuming_for_more_epochs_equals_an_uninterrupted_run(tmp_path):
     resumed, tracker = train(tmp_path / "killed", 4, resume=tmp_path / "killed" / "checkpoints" / "last.pt",
                              init_seed=123)
     assert [step for step, _ in tracker.metrics] == [3, 4]
+    assert_same_weights(straight, resumed)
+
+
+class AutocastProbe(TinyModel):
+    """Notes the CPU autocast state each training step runs under."""
+
+    def training_step(self, batch):
+        self.seen = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        return super().training_step(batch)
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_cpu_training_steps_run_under_the_requested_autocast(tmp_path, precision):
+    model, tracker = train(tmp_path, 3, model_class=AutocastProbe, precision=precision)
+    assert model.seen[0] is (precision is not None)
+    if precision is not None:
+        assert model.seen[1] == precision
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # mixed precision: fp32 master weights
+    losses = [m["train/loss"] for _, m in tracker.metrics]
+    assert losses[-1] < losses[0]
+
+
+def test_bf16_resume_equals_an_uninterrupted_bf16_run(tmp_path):
+    straight, _ = train(tmp_path / "straight", 3, precision=torch.bfloat16)
+    train(tmp_path / "killed", 1, precision=torch.bfloat16)
+    resumed, _ = train(tmp_path / "killed", 3, resume=tmp_path / "killed" / "checkpoints" / "last.pt", init_seed=7,
+                       precision=torch.bfloat16)
     assert_same_weights(straight, resumed)
 
 

@@ -78,7 +78,7 @@ class CouplingBlock(nn.Module):
         passive = passive * log_scale.exp() + coefficients[:, self.passive:]
         scale = 0.1 * F.softplus(self.global_scale, beta=0.5)
         y = torch.addcmul(self.global_offset, torch.cat([active, passive], dim=1), scale)
-        return y[:, self.permutation], log_scale.sum(1) + scale.log().sum()
+        return y[:, self.permutation], log_scale.float().sum(1) + scale.float().log().sum()  # sums in fp32 under autocast
 
 
 class ConditionalFlow(nn.Module):
