@@ -9,7 +9,14 @@ from helpers import compose_config
 
 import ad.models.patchcore as patchcore
 from ad.errors import ADError
-from ad.models.patchcore import Patchcore, jl_dim, k_center_greedy, sparse_random_projection, torch_nearest
+from ad.models.patchcore import (
+    Patchcore,
+    PrunedSearch,
+    jl_dim,
+    k_center_greedy,
+    sparse_random_projection,
+    torch_nearest,
+)
 from ad.postprocess import MapSmoother
 from ad.run import run
 
@@ -153,6 +160,63 @@ def test_faiss_and_torch_search_equal_cdist():
         model.index_kind = kind
         distances, nearest = model.nearest(queries)
         assert (distances >= expected.values - 1e-4).all() and (nearest == expected.indices).float().mean() > 0.7
+
+
+def exact_search(bank):
+    return lambda queries: tuple(t[:, 0] for t in torch_nearest(queries, bank))
+
+
+def low_rank_rows(count: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows whose variance sits mostly in a few directions, as CNN patch features' does."""
+    scales = torch.cat([torch.ones(6), torch.full((dim - 6,), 0.02)])
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(dim)))[0]
+    return (torch.randn(count, dim, generator=generator) * scales) @ rotation + 3
+
+
+@pytest.mark.parametrize("n, dim", [(400, 48), (1500, 384)])
+def test_pruned_search_finds_the_exact_nearest_row(n, dim):
+    generator = torch.Generator().manual_seed(n)
+    bank, queries = low_rank_rows(n, dim, generator), low_rank_rows(600, dim, generator)
+    queries[:100] = bank[:100] + 1e-3 * torch.randn(100, dim, generator=generator)  # near-duplicates of bank rows
+    expected = torch.cdist(queries.double(), bank.double()).min(1)
+    search = PrunedSearch(bank, exact_search(bank))
+    squared, index = search.search(queries)
+    assert torch.equal(index, expected.indices)
+    torch.testing.assert_close(squared.double().sqrt(), expected.values, rtol=1e-5, atol=1e-5)
+    assert len(queries) <= search.pairs < 0.05 * n * len(queries) and search.exact_blocks == 0  # the bound pruned
+
+
+def test_pruned_search_is_exact_where_the_bound_is_weak():
+    generator = torch.Generator().manual_seed(3)  # isotropic rows: the principal subspace holds little
+    bank, queries = torch.randn(800, 64, generator=generator), torch.randn(300, 64, generator=generator)
+    squared, index = PrunedSearch(bank, exact_search(bank)).search(queries)
+    assert torch.equal(index, torch.cdist(queries, bank).argmin(1))
+
+
+def test_pruned_search_hands_blocks_with_too_many_pairs_to_the_exact_search(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(300, 32, generator=generator), torch.randn(200, 32, generator=generator)
+    monkeypatch.setattr(PrunedSearch, "MAX_PAIR_SHARE", 0.0)
+    calls = []
+    exact = exact_search(bank)
+    search = PrunedSearch(bank, lambda q: calls.append(len(q)) or exact(q))
+    squared, index = search.search(queries)
+    assert sum(calls) == len(queries) and search.exact_blocks >= 1
+    assert torch.equal(index, torch.cdist(queries, bank).argmin(1))
+
+
+def test_flat_search_on_cpu_is_pruned_and_follows_the_bank():
+    generator = torch.Generator().manual_seed(2)
+    bank, queries = low_rank_rows(500, 48, generator), low_rank_rows(300, 48, generator)
+    model = Patchcore(backbone=RESNET18)
+    model.memory_bank = bank
+    distances, nearest = model.nearest(queries)
+    expected = torch.cdist(queries, bank).min(1)
+    assert model._pruned is not None and model.pruned.pairs >= len(queries)
+    assert torch.equal(nearest, expected.indices)
+    torch.testing.assert_close(distances, expected.values, rtol=1e-4, atol=1e-4)
+    model.memory_bank = bank[:200].clone()  # a new bank: the search is rebuilt, not reused
+    assert torch.equal(model.nearest(queries)[1], torch.cdist(queries, bank[:200]).argmin(1))
 
 
 def test_map_is_nearest_distance_upsampled_and_blurred(fitted):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import faiss
 import torch
@@ -229,6 +229,88 @@ def torch_nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tupl
     return dist.clamp_min_(0), torch.cat([p.indices for p in parts])
 
 
+class PrunedSearch:
+    """Exact nearest bank row per query, computing full distances only where a cheap lower bound allows.
+
+    faiss's flat search compares every query with every bank row over all C features (an fp32
+    GEMM). Here rows are first compared in the bank's top principal subspace: for an orthonormal
+    basis U (C x k) and residuals r(x) = x - U U^T x, Pythagoras and the reverse triangle inequality give
+
+        |q - b|^2 >= |U^T q - U^T b|^2 + (|r(q)| - |r(b)|)^2 = |q|^2 + |b|^2 - 2 (U^T q . U^T b + |r(q)| |r(b)|),
+
+    one (k + 1)-wide matrix product instead of a C-wide one. A query's distance to the row with the
+    smallest bound caps its nearest distance; only rows whose bound is below that cap can be nearer,
+    and for those (query, row) pairs (about 2 per query on PatchCore's features) the fp32 distance is
+    computed as faiss computes it, by a sampled matrix product. The answers are faiss's flat-index
+    answers (ties go to the lowest row); a block of queries whose bound leaves too many pairs to pay
+    off is handed to ``exact`` (faiss) instead. Written here because neither faiss nor torch prunes
+    an exact search this way; on 40960 queries x 6144 rows x 1536 features it takes 2 s against 4.8 s.
+    Rows are centred on the bank's mean first: distances are unchanged and norms, hence errors, shrink.
+    """
+
+    RANK = 128
+    #: Slack on the bound for fp32 rounding, relative to (|q| + max|b|)^2 (typical errors are ~1e-6).
+    MARGIN = 1e-4
+    #: Above this share of candidate (query, row) pairs a block goes to the exact search instead.
+    MAX_PAIR_SHARE = 0.05
+
+    def __init__(self, bank: torch.Tensor, exact: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        bank = bank.float()
+        self.centre = bank.mean(0)
+        self.bank = bank - self.centre
+        rank = max(1, min(self.RANK, bank.shape[1] // 4))
+        _, vectors = torch.linalg.eigh((self.bank.T @ self.bank).double())  # ascending eigenvalues
+        self.basis = vectors[:, -rank:].float().contiguous()  # orthonormal to fp32 precision
+        self.bank_sq = self.bank.square().sum(1)
+        self.bank_low = self.augment(self.bank)
+        self.max_norm = float(self.bank_sq.max().sqrt())
+        self.exact = exact
+        self.pairs = self.exact_blocks = 0  # pairs measured in full, blocks sent to ``exact`` (last search)
+
+    @staticmethod
+    def suitable(bank: torch.Tensor) -> bool:
+        """For CPU banks of more than a few features (GPU runs use faiss's GPU index or one GEMM)."""
+        return bank.device.type == "cpu" and bank.shape[1] >= 16
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) centred rows -> (N, k + 1): coordinates in the basis, then the residual's norm."""
+        low = x @ self.basis
+        residual = torch.addmm(x, low, self.basis.T, alpha=-1)
+        return torch.cat([low, torch.linalg.vector_norm(residual, dim=1, keepdim=True)], dim=1)
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distance to, and index of, each query's nearest bank row."""
+        self.pairs = self.exact_blocks = 0
+        rows = max(1, 2**24 // len(self.bank))  # a (rows, bank) fp32 block of at most 64 MiB
+        parts = [self._search(chunk) for chunk in queries.float().split(rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        centred = queries - self.centre
+        q_sq = centred.square().sum(1)
+        bound = torch.addmm(self.bank_sq, self.augment(centred), self.bank_low.T, alpha=-2)  # lower bound - |q|^2
+        guess = bound.argmin(1)
+        cap = (centred - self.bank[guess]).square_().sum(1)  # the nearest row is at most this far
+        slack = self.MARGIN * (q_sq.sqrt() + self.max_norm).square()
+        candidates = bound <= (cap - q_sq + slack).unsqueeze(1)
+        rows, cols = candidates.nonzero(as_tuple=True)  # row-major: the CSR order
+        if len(cols) > self.MAX_PAIR_SHARE * candidates.numel():
+            self.exact_blocks += 1
+            return self.exact(queries)
+        self.pairs += len(cols)
+        starts = F.pad(torch.bincount(rows, minlength=len(queries)).cumsum(0), (1, 0))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            pattern = torch.sparse_csr_tensor(starts, cols, centred.new_ones(len(cols)), size=candidates.shape,
+                                              check_invariants=False)
+            dots = torch.sparse.sampled_addmm(pattern, centred, self.bank.T, beta=0.0).values()
+        dist = self.bank_sq[cols] - 2 * dots  # the squared distance less |q|^2, as faiss computes it
+        best = dist.new_full((len(queries),), torch.inf).scatter_reduce_(0, rows, dist, "amin")
+        wins = dist == best[rows]
+        index = cols.new_full((len(queries),), len(self.bank)).scatter_reduce_(0, rows[wins], cols[wins], "amin")
+        return (centred - self.bank[index]).square_().sum(1), index  # directly: no cancellation near 0
+
+
 class Patchcore(AnomalyModel):
     """PatchCore anomaly detector (see module docstring)."""
 
@@ -258,6 +340,7 @@ class Patchcore(AnomalyModel):
         self.register_buffer("memory_bank", torch.empty(0, 0))
         self.smoother = MapSmoother(sigma=blur_sigma)
         self._index = None  # faiss index over memory_bank, built on first use (never pickled)
+        self._pruned = None  # pruned exact search over memory_bank, likewise
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, C, h, w) locally aggregated patch features on the first layer's grid.
@@ -299,7 +382,7 @@ class Patchcore(AnomalyModel):
             raise ADError(f"model.num_neighbors: {self.num_neighbors} is more than the {size} patches in the memory "
                           "bank; lower it or raise model.coreset_ratio")
         self.memory_bank = torch.cat(chunks) if size == n else take_rows(chunks, self.coreset(chunks, size))
-        self._index = None
+        self._index = self._pruned = None
 
     def coreset(self, chunks: list[torch.Tensor], size: int) -> torch.Tensor:
         """Indices of the greedy k-center coreset, chosen on a seeded sparse random projection."""
@@ -346,10 +429,26 @@ class Patchcore(AnomalyModel):
         if self.memory_bank.is_cuda and self.index_kind == "flat" and not hasattr(faiss, "StandardGpuResources"):
             squared, index = torch_nearest(queries, self.memory_bank)  # faiss-cpu on a GPU run: stay on the GPU
             return squared.sqrt().squeeze(1), index.squeeze(1)
+        if self.index_kind == "flat" and PrunedSearch.suitable(self.memory_bank):
+            squared, index = self.pruned.search(queries.detach())
+        else:
+            squared, index = self.faiss_search(queries)
+        return squared.to(queries.device).clamp_min_(0).sqrt(), index.to(queries.device)
+
+    def faiss_search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distance to, and index of, the nearest entry in the faiss index (CPU tensors)."""
         faiss.omp_set_num_threads(torch.get_num_threads())
         squared, index = self.knn_index.search(queries.detach().float().cpu().contiguous().numpy(), 1)
-        squared, index = torch.from_numpy(squared[:, 0]), torch.from_numpy(index[:, 0])
-        return squared.to(queries.device).clamp_min_(0).sqrt(), index.to(queries.device)
+        return torch.from_numpy(squared[:, 0]), torch.from_numpy(index[:, 0])
+
+    @property
+    def pruned(self) -> PrunedSearch:
+        """The pruned exact search over the memory bank, rebuilt whenever the bank changed."""
+        bank = self.memory_bank
+        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape))
+        if getattr(self, "_pruned", None) is None or self._pruned[0] != key:  # absent in older pickles
+            self._pruned = (key, PrunedSearch(bank, self.faiss_search))
+        return self._pruned[1]
 
     @property
     def knn_index(self) -> faiss.Index:
@@ -392,5 +491,5 @@ class Patchcore(AnomalyModel):
         return Prediction(scores=self.image_scores(patches, distances, nearest), maps=maps)
 
     def __getstate__(self) -> dict:
-        """Pickle without the faiss index (not picklable); it is rebuilt from the memory bank on first use."""
-        return {**self.__dict__, "_index": None}
+        """Pickle without the search structures (faiss's is not picklable); rebuilt from the bank on first use."""
+        return {**self.__dict__, "_index": None, "_pruned": None}
