@@ -89,6 +89,15 @@ def test_fiber_batches_follow_anomalib_and_reduce_the_loss(images):
         assert model.training_step(batch)["loss"] < before
 
 
+def test_flows_train_in_fp32_under_mixed_precision(images):
+    model = tiny_model()
+    seen = []
+    model.decoders[0].blocks[0].subnet[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer wraps steps in for trainer.precision=bf16
+        model.optimization_step({"image": images[:2]}, model.configure_optimizers(), sgd_step)
+    assert seen and set(seen) == {torch.float32}
+
+
 def test_encoder_stays_frozen(images):
     model = tiny_model()
     frozen = {k: v.clone() for k, v in model.extractor.state_dict().items()}
