@@ -195,26 +195,31 @@ class FeatureExtractor(nn.Module):
         return self.cached(images)
 
     def cached(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per-image cache lookup keyed on the exact input pixels; only the misses go through the backbone."""
+        """Per-image cache lookup keyed on the exact input pixels; only the misses go through the backbone.
+
+        Entries hold the features in the dtype the backbone computed them in (bf16 under bf16
+        autocast): half the bytes to write and read, and the same fp32 values once converted.
+        """
         identity = self.identity()
         pixels = images.detach().float().cpu().contiguous()
         keys = [digest("features", identity, image.numpy().tobytes()) for image in pixels]
         found = [self.cache.load("features", key) for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:
-            computed = self.compute(images[missing])
+            computed = self.compute(images[missing], as_fp32=False)
             for j, i in enumerate(missing):  # clone: saving a view would write the whole batch's storage
                 found[i] = [level[j].detach().cpu().clone() for level in computed]
                 self.cache.save_async("features", keys[i], found[i])
-        return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
+        return [torch.stack([entry[level] for entry in found]).to(images.device).float()
+                for level in range(len(found[0]))]
 
     @torch.no_grad()
-    def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Run the backbone (channels_last, autocast as configured)."""
+    def compute(self, images: torch.Tensor, as_fp32: bool = True) -> list[torch.Tensor]:
+        """Run the backbone (channels_last, autocast as configured); fp32 maps unless ``as_fp32`` is off."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         dtype = resolve_precision(self.precision, images.device)
         amp = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with amp:
             features = self.model(images)
-        return [f.float().contiguous() for f in features]
+        return [(f.float() if as_fp32 else f).contiguous() for f in features]

@@ -86,12 +86,25 @@ def test_cached_features_equal_computed_ones_and_skip_the_backbone(tmp_path, mon
     first = extractor(images[:3])
     calls = []
     compute = extractor.compute
-    monkeypatch.setattr(extractor, "compute", lambda x: calls.append(len(x)) or compute(x))
+    monkeypatch.setattr(extractor, "compute", lambda x, **kw: calls.append(len(x)) or compute(x, **kw))
     second = extractor(images)  # three hits, one miss
     assert calls == [1]
     for level in range(2):
         torch.testing.assert_close(first[level], expected[level][:3])
         torch.testing.assert_close(second[level], expected[level])
+
+
+def test_bf16_features_are_cached_as_computed_and_read_back_exactly(tmp_path):
+    extractor = FeatureExtractor("resnet18", ["layer1", "layer2"], weights="random", precision="bf16")
+    images = torch.randn(2, 3, 64, 64)
+    expected = extractor(images)  # no cache: the fp32 conversion of the bf16 maps
+    extractor.cache = DiskCache(tmp_path)
+    extractor(images)
+    extractor.cache.flush()  # the writes are asynchronous
+    key = digest("features", extractor.identity(), images[0].contiguous().numpy().tobytes())
+    assert [level.dtype for level in extractor.cache.load("features", key)] == [torch.bfloat16] * 2  # half the bytes
+    for got, want in zip(extractor(images), expected, strict=True):  # now read back from disk
+        assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_feature_keys_change_with_weights_and_numerics():
