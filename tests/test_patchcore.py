@@ -17,6 +17,7 @@ from ad.models.patchcore import (
     sparse_random_projection,
     torch_nearest,
 )
+from ad.models.base import Prediction
 from ad.postprocess import MapSmoother
 from ad.run import run
 
@@ -135,6 +136,41 @@ def test_a_coreset_ratio_sweep_reuses_the_cached_greedy_order(tmp_path, monkeypa
     assert torch.equal(large, fitted_bank(0.2, None))
     fitted_bank(0.3, cache)  # longer than the cached order: computed again
     assert len(calls) == 4
+
+
+def test_a_rerun_or_num_neighbors_sweep_reuses_the_cached_search_and_a_new_bank_does_not(tmp_path, monkeypatch):
+    from ad.cache import DiskCache
+
+    torch.manual_seed(0)
+    train, test = torch.randn(6, 3, 64, 64), torch.randn(5, 3, 64, 64)
+    reference = Patchcore(backbone=RESNET18, seed=1)
+    searches = []
+    search = Patchcore.nearest
+    monkeypatch.setattr(Patchcore, "nearest", lambda self, q: searches.append(len(q)) or search(self, q))
+
+    def scored(cache: DiskCache | None, **settings) -> Prediction:
+        model = Patchcore(backbone=RESNET18, seed=1, **settings)
+        model.extractor.load_state_dict(reference.extractor.state_dict())
+        model.extractor.cache = cache
+        model.fit(batches(train), DEVICE)
+        predictions = [model(batch["image"]) for batch in batches(test)]
+        if cache is not None:
+            cache.flush()
+        return Prediction(scores=torch.cat([p.scores for p in predictions]), maps=torch.cat([p.maps for p in predictions]))
+
+    cache = DiskCache(tmp_path / "cache", max_gb=1)
+    first = scored(cache, num_neighbors=3)
+    assert searches  # the first run searches
+    searches.clear()
+    again, other_k = scored(cache, num_neighbors=3), scored(cache, num_neighbors=1)
+    assert searches == []  # same bank, same images: the rerun and the num_neighbors sweep search nothing
+    fresh = scored(None, num_neighbors=3)
+    assert torch.equal(first.scores, again.scores) and torch.equal(first.maps, again.maps)
+    torch.testing.assert_close(again.maps, fresh.maps)  # the cached distances are the searched ones
+    torch.testing.assert_close(other_k.scores, scored(None, num_neighbors=1).scores)
+    searches.clear()
+    scored(cache, num_neighbors=3, coreset_ratio=0.2)  # another bank: searched again
+    assert searches
 
 
 def test_embedding_is_pooled_upsampled_and_concatenated(fitted):

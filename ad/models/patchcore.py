@@ -38,6 +38,8 @@ MEMORY_FRACTION = 0.8
 #: inequality leaves open once more than this share of them is open (gathers cost more than a scan).
 OPEN_ROWS_SHARE = 0.2
 ARGMAX_BLOCK = 256
+#: Names how patches are embedded and searched in the nearest-neighbour cache keys: change it with either.
+NEAREST_CACHE_TAG = "nearest: avg_pool 3x3, bilinear to the first layer, L2"
 
 
 def jl_dim(n_samples: int, eps: float = JL_EPS) -> int:
@@ -349,6 +351,7 @@ class Patchcore(AnomalyModel):
         self.smoother = MapSmoother(sigma=blur_sigma)
         self._index = None  # faiss index over memory_bank, built on first use (never pickled)
         self._pruned = None  # pruned exact search over memory_bank, likewise
+        self._bank_digest = None  # hash of memory_bank for the nearest-neighbour cache, likewise
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, C, h, w) locally aggregated patch features on the first layer's grid.
@@ -390,7 +393,7 @@ class Patchcore(AnomalyModel):
             raise ADError(f"model.num_neighbors: {self.num_neighbors} is more than the {size} patches in the memory "
                           "bank; lower it or raise model.coreset_ratio")
         self.memory_bank = torch.cat(chunks) if size == n else take_rows(chunks, self.coreset(chunks, size))
-        self._index = self._pruned = None
+        self._index = self._pruned = self._bank_digest = None
 
     def coreset(self, chunks: list[torch.Tensor], size: int) -> torch.Tensor:
         """Indices of the greedy k-center coreset, chosen on a seeded sparse random projection."""
@@ -444,6 +447,33 @@ class Patchcore(AnomalyModel):
             squared, index = self.faiss_search(queries)
         return squared.to(queries.device).clamp_min_(0).sqrt(), index.to(queries.device)
 
+    def cached_nearest(self, images: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``nearest`` over (B, h*w, C) patches, per image from the feature cache when this bank has
+        searched this image before: a rerun, or a sweep over ``num_neighbors`` or ``blur_sigma``, skips
+        the search (a new ``coreset_ratio`` makes a new bank, hence new keys)."""
+        cache = self.extractor.cache
+        if cache is None:
+            return self.nearest(patches.reshape(-1, patches.shape[-1]))
+        pixels = images.detach().float().cpu().contiguous()
+        search = (NEAREST_CACHE_TAG, self.bank_digest(), self.index_kind, self.extractor.identity())
+        keys = [digest(*search, image.numpy().tobytes()) for image in pixels]
+        found = [cache.load("nearest", key) for key in keys]
+        if any(entry is None for entry in found):
+            distances, index = self.nearest(patches.reshape(-1, patches.shape[-1]))
+            found = list(zip(distances.view(len(keys), -1).cpu(), index.view(len(keys), -1).cpu(), strict=True))
+            for key, (d, i) in zip(keys, found, strict=True):
+                cache.save_async("nearest", key, [d.clone(), i.clone()])
+        distances, index = (torch.cat([entry[k] for entry in found]).to(patches.device) for k in (0, 1))
+        return distances, index
+
+    def bank_digest(self) -> str:
+        """Hash of the memory bank's contents, recomputed only when the bank changed."""
+        bank = self.memory_bank
+        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape))
+        if getattr(self, "_bank_digest", None) is None or self._bank_digest[0] != key:  # absent in older pickles
+            self._bank_digest = (key, digest("bank", bank.detach().cpu().contiguous().numpy().tobytes()))
+        return self._bank_digest[1]
+
     def faiss_search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distance to, and index of, the nearest entry in the faiss index (CPU tensors)."""
         faiss.omp_set_num_threads(torch.get_num_threads())
@@ -494,11 +524,11 @@ class Patchcore(AnomalyModel):
         embedding = self.embed(images)
         b, c, h, w = embedding.shape
         patches = as_patches(embedding)
-        distances, nearest = self.nearest(patches.reshape(-1, c))
+        distances, nearest = self.cached_nearest(images, patches)
         distances, nearest = distances.view(b, h * w), nearest.view(b, h * w)
         maps = self.smoother(distances.view(b, h, w), size=images.shape[-2:])
         return Prediction(scores=self.image_scores(patches, distances, nearest), maps=maps)
 
     def __getstate__(self) -> dict:
         """Pickle without the search structures (faiss's is not picklable); rebuilt from the bank on first use."""
-        return {**self.__dict__, "_index": None, "_pruned": None}
+        return {**self.__dict__, "_index": None, "_pruned": None, "_bank_digest": None}
