@@ -9,6 +9,7 @@ from helpers import compose_config
 
 import ad.models.patchcore as patchcore
 from ad.errors import ADError
+from ad.models.base import Prediction
 from ad.models.patchcore import (
     Patchcore,
     PrunedSearch,
@@ -17,7 +18,6 @@ from ad.models.patchcore import (
     sparse_random_projection,
     torch_nearest,
 )
-from ad.models.base import Prediction
 from ad.postprocess import MapSmoother
 from ad.run import run
 
@@ -156,7 +156,8 @@ def test_a_rerun_or_num_neighbors_sweep_reuses_the_cached_search_and_a_new_bank_
         predictions = [model(batch["image"]) for batch in batches(test)]
         if cache is not None:
             cache.flush()
-        return Prediction(scores=torch.cat([p.scores for p in predictions]), maps=torch.cat([p.maps for p in predictions]))
+        return Prediction(scores=torch.cat([p.scores for p in predictions]),
+                          maps=torch.cat([p.maps for p in predictions]))
 
     cache = DiskCache(tmp_path / "cache", max_gb=1)
     first = scored(cache, num_neighbors=3)
