@@ -468,11 +468,7 @@ class Patchcore(AnomalyModel):
 
     def bank_digest(self) -> str:
         """Hash of the memory bank's contents, recomputed only when the bank changed."""
-        bank = self.memory_bank
-        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape))
-        if getattr(self, "_bank_digest", None) is None or self._bank_digest[0] != key:  # absent in older pickles
-            self._bank_digest = (key, digest("bank", bank.detach().cpu().contiguous().numpy().tobytes()))
-        return self._bank_digest[1]
+        return self._from_bank("_bank_digest", lambda bank: digest("bank", bank.detach().cpu().numpy().tobytes()))
 
     def faiss_search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distance to, and index of, the nearest entry in the faiss index (CPU tensors)."""
@@ -483,25 +479,31 @@ class Patchcore(AnomalyModel):
     @property
     def pruned(self) -> PrunedSearch:
         """The pruned exact search over the memory bank, rebuilt whenever the bank changed."""
-        bank = self.memory_bank
-        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape))
-        if getattr(self, "_pruned", None) is None or self._pruned[0] != key:  # absent in older pickles
-            self._pruned = (key, PrunedSearch(bank, self.faiss_search))
-        return self._pruned[1]
+        return self._from_bank("_pruned", lambda bank: PrunedSearch(bank, self.faiss_search))
 
     @property
     def knn_index(self) -> faiss.Index:
         """The faiss index over the memory bank, rebuilt whenever the bank moved or changed."""
-        bank = self.memory_bank
-        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape))
-        if self._index is None or self._index[0] != key:
+
+        def build(bank: torch.Tensor) -> tuple[faiss.Index, object]:
             if bank.is_cuda and not hasattr(faiss, "StandardGpuResources"):
                 warnings.warn("faiss has no GPU support here (pip install 'ad[gpu]'); searching on the CPU",
-                              stacklevel=2)
+                              stacklevel=4)
                 bank = bank.cpu()
             faiss.omp_set_num_threads(torch.get_num_threads())
-            self._index = (key, *faiss_index(bank, self.index_kind))
-        return self._index[1]
+            return faiss_index(bank, self.index_kind)  # the index and its GPU resources, kept together
+
+        return self._from_bank("_index", build)[0]
+
+    def _from_bank(self, slot: str, build: Callable[[torch.Tensor], object]):
+        """``build(memory_bank)``, kept in attribute ``slot`` as (bank key, value) until the bank moves or changes."""
+        bank = self.memory_bank
+        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape))
+        held = getattr(self, slot, None)  # absent in pickles from before the slot existed
+        if held is None or held[0] != key:
+            held = (key, build(bank))
+            setattr(self, slot, held)
+        return held[1]
 
     def image_scores(self, patches: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """Paper eq. 7 as anomalib computes it: s* times 1 - softmax(distances to m*'s neighbourhood)[0].
