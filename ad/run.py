@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import ad
+from ad.allocator import keep_freed_memory
 from ad.backbone import FeatureExtractor, resolve_precision
 from ad.cache import DiskCache
 from ad.data import denormalize
@@ -196,6 +197,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit and evaluate one model on one dataset; return the results also written to metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
+    if cfg.trainer.get("keep_freed_memory", True):
+        keep_freed_memory()
     choices = choice_names(cfg)
     model_name, dataset_name = choices["model"], choices["dataset"]
     category = str(cfg.dataset.get("category", dataset_name))

@@ -1,0 +1,54 @@
+"""The malloc setting that keeps freed tensor memory for reuse instead of page-faulting it in again."""
+
+import ctypes
+import sys
+
+import pytest
+import torch
+
+from ad.allocator import keep_freed_memory
+
+BLOCK = 64 * 2**20  # larger than glibc's largest adaptive mmap threshold (32 MB)
+
+
+class MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (2.33+): where malloc's memory is."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mallinfo() -> MallInfo2:
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc 2.33+ (mallinfo2)")
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_large_tensor_comes_from_the_heap_and_stays_there_when_freed():
+    assert keep_freed_memory()
+    before = mallinfo()
+    tensor = torch.ones(BLOCK // 4)
+    during = mallinfo()
+    assert during.hblkhd - before.hblkhd < BLOCK  # not a mapping of its own, unmapped at free (glibc's default)
+    assert during.arena - before.arena >= BLOCK or before.fordblks >= BLOCK  # the heap holds it
+    del tensor
+    after = mallinfo()
+    assert after.arena >= during.arena  # not trimmed: the next batch reuses these pages, no page faults
+    assert after.fordblks >= BLOCK  # and they are free for it
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_run_applies_the_setting_only_when_asked(tmp_path, monkeypatch, keep):
+    from helpers import TINY, compose_config
+
+    import ad.run
+
+    calls = []
+    monkeypatch.setattr(ad.run, "keep_freed_memory", lambda: calls.append(True))
+    cfg = compose_config(*TINY, "tracking=none", "dataset.n_train=4", "dataset.n_test_good=2",
+                         "dataset.n_test_defect=2", f"trainer.keep_freed_memory={str(keep).lower()}")
+    ad.run.run(cfg, tmp_path)
+    assert calls == ([True] if keep else [])
