@@ -188,11 +188,15 @@ class FeatureExtractor(nn.Module):
         """Stay in eval mode: the backbone is frozen, its batch-norm statistics must not move."""
         return super().train(False)
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps of the requested layers, fp32; served from the feature cache when attached."""
-        if self.cache is None:
-            return self.compute(images)
-        return self.cached(images)
+    def forward(self, images: torch.Tensor, fp32: bool = True) -> list[torch.Tensor]:
+        """Feature maps of the requested layers; served from the feature cache when attached.
+
+        ``fp32`` (the default) gives contiguous fp32 maps. ``fp32=False`` gives them as the backbone
+        computed them (bf16 under bf16 autocast, any memory layout), for callers that keep only a
+        few channels or positions and convert just those.
+        """
+        features = self.compute(images) if self.cache is None else self.cached(images)
+        return [f.float().contiguous() for f in features] if fp32 else features
 
     def cached(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-image cache lookup keyed on the exact input pixels; only the misses go through the backbone.
@@ -200,26 +204,29 @@ class FeatureExtractor(nn.Module):
         Entries hold the features in the dtype the backbone computed them in (bf16 under bf16
         autocast): half the bytes to write and read, and the same fp32 values once converted.
         """
-        identity = self.identity()
-        pixels = images.detach().float().cpu().contiguous()
-        keys = [digest("features", identity, image.numpy().tobytes()) for image in pixels]
+        keys = [digest("features", self.identity(), pixels) for pixels in pixel_views(images)]
         found = [self.cache.load("features", key) for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:
-            computed = self.compute(images[missing], as_fp32=False)
+            computed = self.compute(images[missing])
             for j, i in enumerate(missing):  # clone: saving a view would write the whole batch's storage
                 found[i] = [level[j].detach().cpu().clone() for level in computed]
                 self.cache.save_async("features", keys[i], found[i])
-        return [torch.stack([entry[level] for entry in found]).to(images.device).float()
-                for level in range(len(found[0]))]
+        return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
 
     @torch.no_grad()
-    def compute(self, images: torch.Tensor, as_fp32: bool = True) -> list[torch.Tensor]:
-        """Run the backbone (channels_last, autocast as configured); fp32 maps unless ``as_fp32`` is off."""
+    def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Run the backbone (channels_last, autocast as configured): maps in the dtype and layout it made."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         dtype = resolve_precision(self.precision, images.device)
         amp = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with amp:
-            features = self.model(images)
-        return [(f.float() if as_fp32 else f).contiguous() for f in features]
+            return list(self.model(images))
+
+
+def pixel_views(images: torch.Tensor) -> list[memoryview]:
+    """Each image's exact fp32 pixels as bytes to hash, in one fixed layout (NCHW), without a copy
+    when the batch already is one."""
+    pixels = images.detach().float().cpu().contiguous()
+    return [memoryview(image.numpy()).cast("B") for image in pixels]

@@ -34,14 +34,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("AD_CACHE_DIR") or "~/.cache/ad").expanduser()
 
 
-def digest(*parts: bytes | str) -> str:
-    """Hex key over several byte strings (length-prefixed, so parts cannot run into each other)."""
-    h = hashlib.blake2b(digest_size=20)
+def digest(*parts: bytes | memoryview | str) -> str:
+    """Hex key over several byte strings (length-prefixed, so parts cannot run into each other).
+
+    SHA-256, since CPUs hash it in hardware (x86 SHA extensions, ARMv8 crypto): about twice as fast
+    as BLAKE2b on the megabytes of pixels a feature key covers. Buffers are hashed without a copy.
+    """
+    h = hashlib.sha256()
     for part in parts:
-        data = part.encode() if isinstance(part, str) else part
+        data = memoryview(part.encode() if isinstance(part, str) else part).cast("B")
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
-    return h.hexdigest()
+    return h.hexdigest()[:40]
 
 
 def _torch_save(value, file) -> None:

@@ -107,6 +107,18 @@ def test_bf16_features_are_cached_as_computed_and_read_back_exactly(tmp_path):
         assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
+def test_native_features_are_the_bf16_maps_cold_and_warm(tmp_path):
+    extractor = FeatureExtractor("resnet18", ["layer1", "layer2"], weights="random", precision="bf16")
+    images = torch.randn(2, 3, 64, 64)
+    expected = extractor(images)
+    extractor.cache = DiskCache(tmp_path)
+    for _ in ("computed", "read back"):
+        native = extractor(images, fp32=False)
+        assert [level.dtype for level in native] == [torch.bfloat16] * 2
+        assert all(torch.equal(got.float(), want) for got, want in zip(native, expected, strict=True))
+        extractor.cache.flush()
+
+
 def test_feature_keys_change_with_weights_and_numerics():
     a = FeatureExtractor("resnet18", ["layer1"], weights="random")
     torch.manual_seed(7)

@@ -33,6 +33,27 @@ def nearest_index(size_in: int, size_out: int, device: torch.device | None = Non
     return rows.floor().long().clamp_max(size_in - 1)
 
 
+def upsample_nearest_into(out: torch.Tensor, part: torch.Tensor) -> None:
+    """Copy ``part`` (h, w, ...) into ``out`` (H, W, ...), nearest-neighbour upsampled as ``F.interpolate``.
+
+    An integer scale factor is a broadcast view of ``part`` (one copy, no index tensors); other sizes
+    gather the rows and columns ``nearest_index`` picks.
+    """
+    (h, w), (big_h, big_w) = part.shape[:2], out.shape[:2]
+    rows, cols = nearest_index(h, big_h, part.device), nearest_index(w, big_w, part.device)
+    fh, fw = big_h // h, big_w // w
+    if big_h == fh * h and big_w == fw * w and torch.equal(rows, _repeat_index(h, fh, rows.device)) \
+            and torch.equal(cols, _repeat_index(w, fw, cols.device)):
+        out.view(h, fh, w, fw, *out.shape[2:]).copy_(part[:, None, :, None])
+    else:
+        out.copy_(part[rows][:, cols])
+
+
+def _repeat_index(size: int, factor: int, device: torch.device) -> torch.Tensor:
+    """0, 0, 1, 1, ...: each of ``size`` rows repeated ``factor`` times."""
+    return torch.arange(size, device=device).repeat_interleave(factor)
+
+
 def invert_spd_(matrices: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Invert a batch of symmetric positive definite matrices in place, by Cholesky (fast and stable).
 
@@ -86,23 +107,22 @@ class Padim(AnomalyModel):
         self.smoother = MapSmoother(sigma=blur_sigma)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (P, B, C) patch embeddings on the first layer's grid, position-major.
+        """(B, 3, H, W) images -> (P, B, C) fp32 patch embeddings on the first layer's grid, position-major.
 
         Position-major is what the per-position statistics consume: each position's (B, C) block is
-        contiguous, so fit and test run batched GEMMs on it without another copy.
+        contiguous, so fit and test run batched GEMMs on it without another copy. Each layer's kept
+        channels are picked from the backbone's own output (bf16 under autocast) and written straight
+        into that layout, upsampled and converted to fp32 by the same copy.
         """
-        features = self.extractor(images)
+        features = self.extractor(images, fp32=False)
         h, w = features[0].shape[-2:]
-        out = features[0].new_empty(h, w, images.shape[0], len(self.channel_idx))
+        out = torch.empty(h, w, images.shape[0], len(self.channel_idx), device=features[0].device)
         start = column = 0
-        for feature in features:  # pick each layer's channels first: unused ones are never upsampled
+        for feature in features:
             stop = start + feature.shape[1]
             keep = self.channel_idx[(self.channel_idx >= start) & (self.channel_idx < stop)] - start
-            part = feature.permute(2, 3, 0, 1)[..., keep]  # (h_l, w_l, B, kept)
-            if part.shape[:2] != (h, w):
-                rows, cols = nearest_index(part.shape[0], h, part.device), nearest_index(part.shape[1], w, part.device)
-                part = part[rows][:, cols]
-            out[..., column:column + len(keep)] = part
+            part = feature.permute(2, 3, 0, 1).index_select(-1, keep)  # (h_l, w_l, B, kept)
+            upsample_nearest_into(out[..., column:column + len(keep)], part)
             start, column = stop, column + len(keep)
         return out.view(h * w, images.shape[0], -1)
 

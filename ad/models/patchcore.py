@@ -19,7 +19,7 @@ import faiss
 import torch
 import torch.nn.functional as F
 
-from ad.backbone import FeatureExtractor
+from ad.backbone import FeatureExtractor, pixel_views
 from ad.cache import digest
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
@@ -454,9 +454,8 @@ class Patchcore(AnomalyModel):
         cache = self.extractor.cache
         if cache is None:
             return self.nearest(patches.reshape(-1, patches.shape[-1]))
-        pixels = images.detach().float().cpu().contiguous()
         search = (NEAREST_CACHE_TAG, self.bank_digest(), self.index_kind, self.extractor.identity())
-        keys = [digest(*search, image.numpy().tobytes()) for image in pixels]
+        keys = [digest(*search, pixels) for pixels in pixel_views(images)]
         found = [cache.load("nearest", key) for key in keys]
         if any(entry is None for entry in found):
             distances, index = self.nearest(patches.reshape(-1, patches.shape[-1]))
@@ -468,7 +467,7 @@ class Patchcore(AnomalyModel):
 
     def bank_digest(self) -> str:
         """Hash of the memory bank's contents, recomputed only when the bank changed."""
-        return self._from_bank("_bank_digest", lambda bank: digest("bank", bank.detach().cpu().numpy().tobytes()))
+        return self._from_bank("_bank_digest", lambda bank: digest("bank", bank.detach().cpu().contiguous().numpy()))
 
     def faiss_search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distance to, and index of, the nearest entry in the faiss index (CPU tensors)."""
