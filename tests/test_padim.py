@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from scipy.spatial.distance import mahalanobis
 
 from ad.errors import ADError
-from ad.models.padim import COV_EPS, INV_EPS, Padim, nearest_index
+from ad.models.padim import COV_EPS, INV_EPS, Padim, nearest_index, pick_channels
 
 DEVICE = torch.device("cpu")
 
@@ -28,6 +28,16 @@ def test_embedding_is_concatenate_upsample_then_index(fitted):
     full = torch.cat([features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]], 1)
     expected = full[:, model.channel_idx].flatten(2).permute(2, 0, 1)  # (P, B, C)
     torch.testing.assert_close(model.embed(train[:2]), expected)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_picked_channels_are_the_kept_channels_position_major(layout, dtype):
+    feature = torch.randn(3, 40, 5, 7).to(dtype).contiguous(memory_format=layout)
+    keep = torch.tensor([0, 3, 4, 17, 39])
+    picked = pick_channels(feature, keep)
+    assert picked.shape == (5, 7, 3, 5)
+    assert torch.equal(picked, feature[:, keep].permute(2, 3, 0, 1))
 
 
 @pytest.mark.parametrize(("size_in", "size_out"), [(16, 64), (17, 64), (32, 63), (9, 57), (64, 64), (40, 7)])
