@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -204,7 +205,7 @@ class FeatureExtractor(nn.Module):
         Entries hold the features in the dtype the backbone computed them in (bf16 under bf16
         autocast): half the bytes to write and read, and the same fp32 values once converted.
         """
-        keys = [digest("features", self.identity(), pixels) for pixels in pixel_views(images)]
+        keys = pixel_digests(images, "features", self.identity())
         found = [self.cache.load("features", key) for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:
@@ -212,6 +213,8 @@ class FeatureExtractor(nn.Module):
             for j, i in enumerate(missing):  # clone: saving a view would write the whole batch's storage
                 found[i] = [level[j].detach().cpu().clone() for level in computed]
                 self.cache.save_async("features", keys[i], found[i])
+            if len(missing) == len(keys):  # nothing was cached: the batch as computed, not restacked
+                return computed
         return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
 
     @torch.no_grad()
@@ -225,8 +228,15 @@ class FeatureExtractor(nn.Module):
             return list(self.model(images))
 
 
-def pixel_views(images: torch.Tensor) -> list[memoryview]:
-    """Each image's exact fp32 pixels as bytes to hash, in one fixed layout (NCHW), without a copy
-    when the batch already is one."""
+def pixel_digests(images: torch.Tensor, *parts: str) -> list[str]:
+    """One cache key per image: ``digest(*parts, its exact fp32 pixels)``, in one fixed layout (NCHW).
+
+    SHA-256 releases the GIL, so the images of a batch are hashed on one thread per core.
+    """
     pixels = images.detach().float().cpu().contiguous()
-    return [memoryview(image.numpy()).cast("B") for image in pixels]
+    views = [memoryview(image.numpy()).cast("B") for image in pixels]
+    workers = min(torch.get_num_threads(), len(views))
+    if workers < 2:
+        return [digest(*parts, view) for view in views]
+    with ThreadPoolExecutor(workers, thread_name_prefix="ad-hash") as pool:
+        return list(pool.map(lambda view: digest(*parts, view), views))

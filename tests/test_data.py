@@ -121,6 +121,27 @@ def test_items_have_documented_types_and_shapes(tiny_mvtec: Path) -> None:
     assert item["label"].shape == () and int(item["mask"].sum()) == 0
 
 
+def test_a_batch_read_side_by_side_equals_items_read_one_by_one(tiny_mvtec: Path) -> None:
+    test_set = MVTecAD(root=str(tiny_mvtec), category="gravel", image_size=SIZE).test_set()
+    indices = [4, 0, 7, 2, 5]
+    together, alone = test_set.__getitems__(indices), [test_set[i] for i in indices]
+    for got, want in zip(together, alone, strict=True):
+        assert got["path"] == want["path"] and all(torch.equal(got[k], want[k]) for k in ("image", "mask", "label"))
+
+
+def test_an_error_in_a_batch_read_side_by_side_names_the_file(tmp_path: Path) -> None:
+    corrupt = tmp_path / "bad" / "junk.png"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"this is not a png at all" * 10)
+    for name in ("a.png", "z.png"):  # good files around it, read on the other threads
+        noise_image(corrupt.parent / name)
+    test_set = single_image_dataset(tmp_path, corrupt).test_set()
+    assert len(test_set) == 3
+    with pytest.raises(ADError, match="cannot read image") as error:
+        next(iter(DataLoader(test_set, batch_size=len(test_set))))
+    assert str(corrupt) in str(error.value)
+
+
 def test_masks_are_matched_by_stem_not_sorted_order(tmp_path: Path) -> None:
     category = tmp_path / "root" / "part"
     noise_image(category / "train" / "good" / "0.png")

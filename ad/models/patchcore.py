@@ -19,7 +19,7 @@ import faiss
 import torch
 import torch.nn.functional as F
 
-from ad.backbone import FeatureExtractor, pixel_views
+from ad.backbone import FeatureExtractor, pixel_digests
 from ad.cache import digest
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
@@ -455,7 +455,7 @@ class Patchcore(AnomalyModel):
         if cache is None:
             return self.nearest(patches.reshape(-1, patches.shape[-1]))
         search = (NEAREST_CACHE_TAG, self.bank_digest(), self.index_kind, self.extractor.identity())
-        keys = [digest(*search, pixels) for pixels in pixel_views(images)]
+        keys = pixel_digests(images, *search)
         found = [cache.load("nearest", key) for key in keys]
         if any(entry is None for entry in found):
             distances, index = self.nearest(patches.reshape(-1, patches.shape[-1]))
