@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from ad.cache import DiskCache, digest
 from ad.errors import ADError
+from ad.threads import map_on_cores
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,4 @@ def pixel_digests(images: torch.Tensor, *parts: str) -> list[str]:
     """
     pixels = images.detach().float().cpu().contiguous()
     views = [memoryview(image.numpy()).cast("B") for image in pixels]
-    workers = min(torch.get_num_threads(), len(views))
-    if workers < 2:
-        return [digest(*parts, view) for view in views]
-    with ThreadPoolExecutor(workers, thread_name_prefix="ad-hash") as pool:
-        return list(pool.map(lambda view: digest(*parts, view), views))
+    return map_on_cores(lambda view: digest(*parts, view), views, name="ad-hash")

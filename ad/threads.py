@@ -1,12 +1,17 @@
-"""Thread-count control for long chains of small CPU ops, shared by the methods that need it."""
+"""Thread control for CPU work: one thread for chains of small ops, one per core for GIL-free work."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -27,3 +32,17 @@ def single_threaded(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
         if faiss is not None:
             faiss.omp_set_num_threads(threads)
+
+
+def map_on_cores(function: Callable[[T], R], items: Sequence[T], workers: int | None = None,
+                 name: str = "ad-map") -> list[R]:
+    """``[function(item) for item in items]`` on up to ``workers`` threads (default: torch's CPU threads).
+
+    For work that releases the GIL (hashing, file reads, Pillow decoding); in order, and the first
+    error is raised as the plain loop would raise it.
+    """
+    workers = min(workers or torch.get_num_threads(), len(items))
+    if workers < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        return list(pool.map(function, items))

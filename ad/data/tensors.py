@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -11,7 +10,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from ad.cache import DiskCache
 from ad.data.base import IMAGENET_MEAN, IMAGENET_STD, Sample, load_decoded
-from ad.threads import single_threaded
+from ad.threads import map_on_cores, single_threaded
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -65,8 +64,8 @@ class ImageDataset(Dataset):
         in the cache decode at the speed of every core instead of one, between backbone passes.
         Inside DataLoader worker processes, which already run side by side, items are read one by one.
         """
-        workers = min(torch.get_num_threads(), len(indices))
-        if workers < 2 or get_worker_info() is not None:
+        if get_worker_info() is not None:
             return [self[index] for index in indices]
-        with single_threaded(torch.device("cpu")), ThreadPoolExecutor(workers, thread_name_prefix="ad-read") as pool:
-            return list(pool.map(self.__getitem__, indices))
+        workers = torch.get_num_threads()
+        with single_threaded(torch.device("cpu")):  # torch inside each item: one thread per item
+            return map_on_cores(self.__getitem__, indices, workers, name="ad-read")
