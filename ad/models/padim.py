@@ -9,7 +9,6 @@ score is the map's maximum. Matches anomalib's PaDiM, vectorised over positions.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -17,7 +16,7 @@ from ad.backbone import FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.postprocess import MapSmoother, max_score
-from ad.threads import single_threaded
+from ad.threads import map_on_cores, single_threaded
 
 #: Channels kept by the paper for its two backbones; other backbones must set model.n_features.
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
@@ -84,8 +83,8 @@ def invert_spd_(matrices: torch.Tensor, chunk: int = 256) -> torch.Tensor:
             invert(start)
         return matrices
     workers = torch.get_num_threads()
-    with single_threaded(matrices.device), ThreadPoolExecutor(workers) as pool:
-        list(pool.map(invert, starts))
+    with single_threaded(matrices.device):
+        map_on_cores(invert, starts, workers, name="ad-invert")
     return matrices
 
 
