@@ -221,7 +221,7 @@ class Trainer:
         run_dir: the run folder; checkpoints go to ``run_dir/checkpoints``.
         device: where to train.
         precision: autocast dtype of the training steps (None = fp32), on GPU and CPU alike: ``auto``
-            resolves to bf16 only where the hardware runs it natively (see ``resolve_precision``).
+            resolves to bf16 only where the hardware runs it faster than fp32 (see ``resolve_precision``).
         tracker: receives per-epoch metrics (step = epoch number).
         max_epochs: epochs to train; None = the checkpoint's count when resuming, else the model's default.
         batch_size, num_workers: of the shuffled training loader.

@@ -105,3 +105,20 @@ def test_precision_resolution():
     assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
     with pytest.raises(ADError, match="trainer.precision"):
         resolve_precision("fp8", cpu)
+
+
+@pytest.mark.parametrize(("speedup", "expected"),
+                         [(2.6, torch.bfloat16), (1.3, torch.bfloat16), (0.8, None), (0.0, None)])
+def test_auto_precision_takes_bf16_on_a_cpu_only_where_it_measures_faster(monkeypatch, speedup, expected):
+    monkeypatch.setattr(bb, "cpu_bf16_speedup", lambda: speedup)
+    assert resolve_precision("auto", torch.device("cpu")) is expected
+
+
+def test_bf16_speedup_is_measured_where_the_cpu_has_bf16_kernels(monkeypatch):
+    bb.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(bb, "native_cpu_bf16", lambda: False)
+    assert bb.cpu_bf16_speedup() == 0.0  # no kernels: not even timed
+    bb.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(bb, "native_cpu_bf16", lambda: True)
+    assert 0.05 < bb.cpu_bf16_speedup(repeats=1) < 20  # a real timing ratio, whatever this CPU is
+    bb.cpu_bf16_speedup.cache_clear()
