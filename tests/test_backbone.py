@@ -120,5 +120,9 @@ def test_bf16_speedup_is_measured_where_the_cpu_has_bf16_kernels(monkeypatch):
     assert bb.cpu_bf16_speedup() == 0.0  # no kernels: not even timed
     bb.cpu_bf16_speedup.cache_clear()
     monkeypatch.setattr(bb, "native_cpu_bf16", lambda: True)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
     assert 0.05 < bb.cpu_bf16_speedup(repeats=1) < 20  # a real timing ratio, whatever this CPU is
+    assert torch.equal(torch.rand(3), expected)  # measuring drew nothing from the seeded global RNG
     bb.cpu_bf16_speedup.cache_clear()
