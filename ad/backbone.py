@@ -249,7 +249,7 @@ class FeatureExtractor(nn.Module):
         found = [self.cache.load("features", key) for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:
-            computed = self.compute(images[missing])
+            computed = self.compute(images if len(missing) == len(keys) else images[missing])
             for j, i in enumerate(missing):  # clone: saving a view would write the whole batch's storage
                 found[i] = [level[j].detach().cpu().clone() for level in computed]
                 self.cache.save_async("features", keys[i], found[i])

@@ -28,7 +28,7 @@ import ad
 from ad.allocator import keep_freed_memory
 from ad.backbone import FeatureExtractor, resolve_precision
 from ad.cache import DiskCache
-from ad.data import denormalize
+from ad.data import collate, denormalize
 from ad.errors import ADError
 from ad.metrics import compute_metrics
 from ad.models import AnomalyModel
@@ -79,7 +79,7 @@ def make_loader(dataset: torch.utils.data.Dataset, trainer: DictConfig, device: 
     workers = int(trainer.num_workers)
     return DataLoader(
         dataset, batch_size=int(trainer.batch_size), shuffle=False, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate,
     )
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ad.backbone import FeatureExtractor
+from ad.data import collate
 from ad.errors import ADError
 from ad.models.base import TrainableModel
 from ad.tracking import Tracker
@@ -282,7 +283,7 @@ class Trainer:
             position = self.restore(model, optimizers, scaler)
         self.epochs = self.max_epochs or self.epochs or model.default_epochs
         self.statistics_loader = DataLoader(train_set, batch_size=self.batch_size, num_workers=self.num_workers,
-                                            pin_memory=self.device.type == "cuda")
+                                            pin_memory=self.device.type == "cuda", collate_fn=collate)
         if position.epoch >= self.epochs:
             log.info("Checkpoint is at epoch %d of %d: nothing left to train", position.epoch, self.epochs)
         else:
@@ -295,7 +296,8 @@ class Trainer:
         sampler = EpochSampler(len(train_set), self.seed)
         # Its own generator: creating an epoch's iterator then never draws from the global RNG.
         loader = DataLoader(train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.seed))
+                            pin_memory=self.device.type == "cuda", collate_fn=collate,
+                            generator=torch.Generator().manual_seed(self.seed))
         steps = math.ceil(len(train_set) / self.batch_size)
         with deferred_interrupt() as interrupted:
             while position.epoch < self.epochs:

@@ -496,3 +496,16 @@ def test_sample_is_frozen() -> None:
     sample = Sample(image=Path("a.png"), label=0, defect="good")
     with pytest.raises(AttributeError):
         sample.label = 1  # type: ignore[misc]
+
+
+def test_batch_normalisation_matches_per_image_and_collates_channels_last() -> None:
+    from ad.data import collate, normalize_batch
+
+    pixels = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    batch = normalize_batch(pixels)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([normalize(image) for image in pixels]))  # the same floats
+    items = [{"image": batch[i], "label": torch.tensor(i)} for i in range(3)]
+    collated = collate(items)
+    assert collated["image"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(collated["image"], batch) and collated["label"].tolist() == [0, 1, 2]

@@ -9,7 +9,7 @@ from helpers import compose_config
 
 from ad.cache import DiskCache
 from ad.data import MVTecAD
-from ad.data.base import decode, sample_key
+from ad.data.base import cached_decoded, decode
 from ad.data.synthetic import make_mvtec_layout
 from ad.prefetch import prefetch_images, spec, wanted, warm
 
@@ -27,10 +27,10 @@ def test_side_process_fills_the_cache_with_what_the_run_would_decode(mvtec_cfg, 
     dataset = MVTecAD(root=str(tmp_path / "data"), category="widget", image_size=32)
     cache = DiskCache(tmp_path / "cache")
     for sample in [*dataset.train, *dataset.test]:
-        packed = cache.load_array("images", sample_key(sample, 32))
+        cached_image, cached_mask = cached_decoded(sample, 32, cache)
         image, mask = decode(sample, 32)
-        np.testing.assert_array_equal(packed[..., :3], image)
-        np.testing.assert_array_equal(packed[..., 3], mask)
+        np.testing.assert_array_equal(cached_image, image)
+        np.testing.assert_array_equal(cached_mask, mask)
 
 
 def test_decoding_needs_no_torch(mvtec_cfg):

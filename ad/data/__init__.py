@@ -21,16 +21,18 @@ __all__ = [
     "Sample",
     "Synthetic",
     "VisA",
+    "collate",
     "denormalize",
     "make_mvtec_layout",
     "normalize",
+    "normalize_batch",
     "read_image",
     "read_mask",
 ]
 
 #: Names that need torch, loaded on first use: finding and decoding files (the start-up prefetch
 #: side process, ``ad.prefetch``) then never pays for importing torch.
-_TENSOR_NAMES = {"ImageDataset", "denormalize", "normalize"}
+_TENSOR_NAMES = {"ImageDataset", "collate", "denormalize", "normalize", "normalize_batch"}
 
 
 def __getattr__(name: str):
