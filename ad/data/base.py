@@ -96,10 +96,9 @@ def decode_into(cache: DiskCache | None, sample: Sample, image_size: int) -> tup
 
 def warm(sample: Sample, image_size: int, cache: DiskCache) -> bool:
     """Decode ``sample`` into the cache unless it is there already (not read back); True if it decoded."""
-    key = sample_key(sample, image_size)
-    if cache.contains_array(DECODED, key):
+    if cache.contains_array(DECODED, sample_key(sample, image_size)):
         return False
-    _store(cache, key, *decode(sample, image_size))
+    decode_into(cache, sample, image_size)
     return True
 
 

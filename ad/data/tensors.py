@@ -92,8 +92,8 @@ class ImageDataset(Dataset):
         missing = [position for position, found in enumerate(decoded) if found is None]
         if missing:
             todo = [indices[position] for position in missing]
-            fresh = [self._decoded(index) for index in todo] if get_worker_info() is not None \
-                else map_on_cores(self._decoded, todo, name="ad-read")
+            fresh = [self._decode(index) for index in todo] if get_worker_info() is not None \
+                else map_on_cores(self._decode, todo, name="ad-read")
             for position, found in zip(missing, fresh, strict=True):
                 decoded[position] = found
         return self._items(indices, decoded)
@@ -101,7 +101,7 @@ class ImageDataset(Dataset):
     def _cached(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
         return None if self.cache is None else cached_decoded(self.samples[index], self.image_size, self.cache)
 
-    def _decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return decode_into(self.cache, self.samples[index], self.image_size)
 
     def _items(self, indices: Sequence[int], decoded: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
