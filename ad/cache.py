@@ -11,7 +11,6 @@ time; ``evict`` deletes the least recently used entries beyond the size bound.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -20,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,17 @@ def default_cache_dir() -> Path:
 def digest(*parts: bytes | memoryview | str) -> str:
     """Hex key over several byte strings (length-prefixed, so parts cannot run into each other).
 
-    SHA-256, since CPUs hash it in hardware (x86 SHA extensions, ARMv8 crypto): about twice as fast
-    as BLAKE2b on the megabytes of pixels a feature key covers. Buffers are hashed without a copy.
+    XXH3-128: a cache key needs no cryptographic strength, only that distinct inputs never collide
+    by accident, and XXH3 hashes the hundreds of megabytes of pixels a run keys on at memory speed
+    (about 10 GB/s against SHA-256's 1.5 GB/s even with the x86 SHA extensions). Buffers are hashed
+    without a copy.
     """
-    h = hashlib.sha256()
+    h = xxhash.xxh3_128()
     for part in parts:
         data = memoryview(part.encode() if isinstance(part, str) else part).cast("B")
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
-    return h.hexdigest()[:40]
+    return h.hexdigest()
 
 
 def _torch_save(value, file) -> None:

@@ -101,7 +101,7 @@ def test_bf16_features_are_cached_as_computed_and_read_back_exactly(tmp_path):
     extractor.cache = DiskCache(tmp_path)
     extractor(images)
     extractor.cache.flush()  # the writes are asynchronous
-    key = digest("features", extractor.identity(), images[0].contiguous().numpy().tobytes())
+    key = digest("features", extractor.identity(), images[0].permute(1, 2, 0).contiguous().numpy().tobytes())
     assert [level.dtype for level in extractor.cache.load("features", key)] == [torch.bfloat16] * 2  # half the bytes
     for got, want in zip(extractor(images), expected, strict=True):  # now read back from disk
         assert got.dtype == torch.float32 and torch.equal(got, want)
@@ -173,3 +173,4 @@ def test_background_writes_are_readable_at_once_and_land_after_flush(tmp_path):
     assert torch.equal(cache.load("features", "ab99"), torch.ones(3))
     cache.flush()
     assert torch.equal(DiskCache(tmp_path).load("features", "ab99"), torch.ones(3))
+
