@@ -62,19 +62,22 @@ def test_gaussian_per_position_matches_numpy(fitted):
     emb = model.embed(train).double().numpy()  # (P, N, C)
     for p in (0, 37, emb.shape[0] - 1):
         cov = np.cov(emb[p], rowvar=False) + (COV_EPS + INV_EPS) * np.eye(emb.shape[2])
+        whitening = model.whitening[p].double().numpy()
         np.testing.assert_allclose(model.mean[p].numpy(), emb[p].mean(0), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(model.inv_cov[p].numpy(), np.linalg.inv(cov), rtol=2e-3, atol=2e-3)
+        np.testing.assert_array_equal(whitening, np.tril(whitening))  # the inverse Cholesky factor
+        np.testing.assert_allclose(whitening.T @ whitening, np.linalg.inv(cov), rtol=2e-3, atol=2e-3)
 
 
-def test_distance_is_mahalanobis(fitted):
-    model, _ = fitted
+def test_distance_is_mahalanobis_to_the_training_gaussian(fitted):
+    model, train = fitted
+    emb = model.embed(train).double().numpy()
     image = torch.randn(1, 3, 64, 64)
-    emb = model.embed(image)[:, 0]  # (P, C)
-    delta = emb - model.mean
-    squared = torch.einsum("pc,pcd,pd->p", delta, model.inv_cov, delta)
+    test_emb = model.embed(image)[:, 0].double().numpy()  # (P, C)
+    distances = model.distances(image).flatten()
     for p in (0, 5, emb.shape[0] - 1):
-        expected = mahalanobis(emb[p].double(), model.mean[p].double(), model.inv_cov[p].double())
-        assert squared[p].sqrt().item() == pytest.approx(expected, rel=1e-3)
+        cov = np.cov(emb[p], rowvar=False) + (COV_EPS + INV_EPS) * np.eye(emb.shape[2])
+        expected = mahalanobis(test_emb[p], emb[p].mean(0), np.linalg.inv(cov))
+        assert distances[p].item() == pytest.approx(expected, rel=1e-3)
 
 
 def test_map_is_image_sized_and_score_is_its_maximum(fitted):
