@@ -25,6 +25,7 @@ from torch import nn
 
 from ad.cache import DiskCache, digest
 from ad.errors import ADError
+from ad.threads import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,15 @@ def native_cpu_bf16() -> bool:
 def cpu_bf16_speedup(repeats: int = 3) -> float:
     """How many times faster a channels-last 3x3 convolution runs under bf16 autocast than in fp32 here.
 
-    Measured once per process (about 50 ms), because native bf16 support does not predict it: with
+    Measured once per process (about 60 ms), because native bf16 support does not predict it: with
     the same torch a ResNet runs 2.6x faster in bf16 on a Zen 4 EPYC (AVX512_BF16) and 1.2x slower on
     a Xeon that has AVX512_BF16 but no AMX. 0.0 where the CPU has no bf16 kernels at all.
+
+    The probe runs on one thread, fp32 and bf16 timings interleaved, best of ``repeats`` each: on all
+    cores, one busy core (the start-up image prefetch, another sweep job) stalls every parallel
+    convolution, and the ratio swung between 1.4 and 4.7 on a CPU where it is 1.9, so ``auto`` chose
+    fp32 in some runs and bf16 in others, at half the backbone's speed. On one thread it held at 1.9
+    with both cores busy.
     """
     if not native_cpu_bf16():
         return 0.0
@@ -80,18 +87,22 @@ def cpu_bf16_speedup(repeats: int = 3) -> float:
     x = torch.randn(4, 128, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
 
     def seconds(dtype: torch.dtype) -> float:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            F.conv2d(x, weight, padding=1)  # the first call creates the oneDNN primitive
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                F.conv2d(x, weight, padding=1)
-                best = min(best, time.perf_counter() - start)
-        return best
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            start = time.perf_counter()
+            F.conv2d(x, weight, padding=1)
+            return time.perf_counter() - start
 
-    fp32, bf16 = seconds(torch.float32), seconds(torch.bfloat16)
+    dtypes = (torch.float32, torch.bfloat16)
+    with torch.inference_mode(), single_threaded(torch.device("cpu")):
+        for dtype in dtypes:  # the first call creates the oneDNN primitive
+            seconds(dtype)
+        best = dict.fromkeys(dtypes, float("inf"))
+        for _ in range(repeats):
+            for dtype in dtypes:
+                best[dtype] = min(best[dtype], seconds(dtype))
+    fp32, bf16 = best[torch.float32], best[torch.bfloat16]
     speedup = fp32 / bf16
-    log.debug("bf16 convolution speed-up on this CPU: %.2fx (fp32 %.2f ms, bf16 %.2f ms)",
+    log.debug("bf16 convolution speed-up on this CPU: %.2fx (fp32 %.2f ms, bf16 %.2f ms, one thread)",
               speedup, fp32 * 1e3, bf16 * 1e3)
     return speedup
 

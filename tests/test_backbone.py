@@ -126,3 +126,28 @@ def test_bf16_speedup_is_measured_where_the_cpu_has_bf16_kernels(monkeypatch):
     assert 0.05 < bb.cpu_bf16_speedup(repeats=1) < 20  # a real timing ratio, whatever this CPU is
     assert torch.equal(torch.rand(3), expected)  # measuring drew nothing from the seeded global RNG
     bb.cpu_bf16_speedup.cache_clear()
+
+
+def test_bf16_speedup_is_measured_on_one_thread_and_restores_the_thread_count(monkeypatch):
+    # All cores would let one busy core (the image prefetch, another sweep job) stall every parallel
+    # convolution and flip auto precision from run to run; one thread keeps the ratio steady.
+    threads_seen = []
+    real_conv = bb.F.conv2d
+
+    def conv2d(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return real_conv(*args, **kwargs)
+
+    monkeypatch.setattr(bb, "native_cpu_bf16", lambda: True)
+    monkeypatch.setattr(bb.F, "conv2d", conv2d)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bb.cpu_bf16_speedup.cache_clear()
+        bb.cpu_bf16_speedup(repeats=2)
+        assert threads_seen and set(threads_seen) == {1}
+        assert len(threads_seen) == 2 + 2 * 2  # a first call per dtype, then fp32 and bf16 interleaved
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        bb.cpu_bf16_speedup.cache_clear()
