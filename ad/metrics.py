@@ -4,8 +4,9 @@ Scores and maps are whatever the model outputs (e.g. Mahalanobis distances in 0.
 normalisation is needed by the caller. Higher means more anomalous. Everything runs on the CPU.
 
 Image metrics use torchmetrics. Pixel metrics are written here with value-only numpy sorts, which
-are several times faster than an argsort over millions of pixels (100 x 256 x 256 pixels take well
-under a second on 2 cores); the tests check them against scikit-learn and a brute-force reference.
+are several times faster than an argsort over millions of pixels, done once for both metrics and
+split over the cores (83 x 256 x 256 pixels: 0.5 s -> about 0.15 s on 2 cores); the tests check
+them against scikit-learn and a brute-force reference.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from scipy import ndimage
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
 
 from ad.errors import ADError
+from ad.threads import map_on_cores
 
 __all__ = ["compute_metrics", "image_auroc", "image_f1_max", "pixel_aupro", "pixel_auroc"]
 
@@ -107,6 +109,31 @@ def _pixel_inputs(maps: torch.Tensor, masks: torch.Tensor) -> tuple[np.ndarray, 
     return maps, masks
 
 
+class PixelScores:
+    """Anomaly-map pixels split by the ground truth and sorted once, for both pixel metrics.
+
+    Sorting the millions of normal pixels is most of the pixel metrics' cost (about 0.2 s per 5 M
+    pixels on one core), so it is done once, in one chunk per core (numpy's sort releases the GIL):
+    every question the metrics ask of the normal pixels is "how many score below t", which is the
+    sum of ``searchsorted`` over the sorted chunks, so the chunks are never merged.
+    """
+
+    def __init__(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        maps, masks = _pixel_inputs(maps, masks)
+        self.masks = masks
+        normal = maps[~masks]
+        self.normal_chunks = map_on_cores(np.sort, np.array_split(normal, max(1, torch.get_num_threads())),
+                                          name="ad-sort")
+        self.n_normal = len(normal)
+        self.anomalous = maps[masks]  # in image, row, column order, as ``masks`` lists them
+        self.descending = np.argsort(self.anomalous)[::-1]
+
+    def normal_below(self, thresholds: np.ndarray, inclusive: bool = False) -> np.ndarray:
+        """How many normal pixels score < each threshold (<= with ``inclusive``)."""
+        side = "right" if inclusive else "left"
+        return sum(np.searchsorted(chunk, thresholds, side) for chunk in self.normal_chunks)
+
+
 def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> float:
     """Pixel-level AUROC of raw anomaly maps (N, H, W) against ground-truth masks (N, H, W), over all pixels.
 
@@ -114,15 +141,15 @@ def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> float:
     the trapezoidal ROC area with ties. It needs only value sorts, several times faster than torchmetrics'
     argsort-and-gather (~2.5 s for 6.5 M pixels on 2 cores).
     """
-    maps, masks = _pixel_inputs(maps, masks)
-    pos, neg = np.sort(maps[masks]), np.sort(maps[~masks])
-    if len(pos) <= len(neg):  # search the smaller set in the larger one
-        below = np.searchsorted(neg, pos, "left").sum() + np.searchsorted(neg, pos, "right").sum()
-        u = below / 2  # sum over positives of (#neg < p) + (#neg == p) / 2
-    else:
-        below = np.searchsorted(pos, neg, "left").sum() + np.searchsorted(pos, neg, "right").sum()
-        u = len(pos) * len(neg) - below / 2  # sum over negatives of (#pos > n) + (#pos == n) / 2
-    return float(u / (len(pos) * len(neg)))
+    return _pixel_auroc(PixelScores(maps, masks))
+
+
+def _pixel_auroc(pixels: PixelScores) -> float:
+    """``pixel_auroc`` of already sorted pixels."""
+    anomalous = pixels.anomalous[pixels.descending[::-1]]  # ascending: sorted keys search fastest
+    # sum over anomalous pixels of (#normal < p) + (#normal == p) / 2
+    below = pixels.normal_below(anomalous).sum() + pixels.normal_below(anomalous, inclusive=True).sum()
+    return float(below / 2 / (len(anomalous) * pixels.n_normal))
 
 
 def pixel_aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float:
@@ -136,28 +163,31 @@ def pixel_aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3)
     score (tied scores form one point), starts at (0, 0), is cut at ``fpr_limit`` by linear interpolation
     and integrated with the trapezoid rule; the area is divided by ``fpr_limit``.
 
-    Instead of one argsort over all pixels, the normal pixels are only value-sorted and counted with
-    ``searchsorted`` at each distinct anomalous-pixel score: between those scores PRO is constant, so the
-    points skipped lie on horizontal segments and change neither the area nor the interpolated cut.
+    Instead of one argsort over all pixels, the normal pixels are only value-sorted and counted at each
+    distinct anomalous-pixel score: between those scores PRO is constant, so the points skipped lie on
+    horizontal segments and change neither the area nor the interpolated cut.
     """
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    maps, masks = _pixel_inputs(maps, masks)
-    regions, n_regions = ndimage.label(masks, structure=_STRUCTURE)
+    return _pixel_aupro(PixelScores(maps, masks), fpr_limit)
 
-    neg = np.sort(maps[~masks])
-    pos, pos_region = maps[masks], regions[masks]
+
+def _pixel_aupro(pixels: PixelScores, fpr_limit: float) -> float:
+    """``pixel_aupro`` of already sorted pixels."""
+    regions, n_regions = ndimage.label(pixels.masks, structure=_STRUCTURE)
+    pos_region = regions[pixels.masks]  # same order as pixels.anomalous
     weight = 1.0 / np.bincount(pos_region)[pos_region]  # 1 / size of the pixel's region
 
     # Anomalous pixels by descending score; the last pixel of each run of equal scores closes a point.
-    order = np.argsort(pos)[::-1]
-    pos = pos[order]
+    order = pixels.descending
+    pos = pixels.anomalous[order]
     ends = np.append(np.flatnonzero(pos[1:] != pos[:-1]), len(pos) - 1)
     t = pos[ends]  # distinct anomalous scores, descending
     pro_ge = np.cumsum(weight[order])[ends] / n_regions  # PRO at threshold t (scores >= t)
     pro_gt = np.concatenate([[0.0], pro_ge[:-1]])  # PRO just above t (scores > t)
-    fpr_ge = (len(neg) - np.searchsorted(neg, t, "left")) / len(neg)
-    fpr_gt = (len(neg) - np.searchsorted(neg, t, "right")) / len(neg)
+    n_normal = pixels.n_normal
+    fpr_ge = (n_normal - pixels.normal_below(t)) / n_normal
+    fpr_gt = (n_normal - pixels.normal_below(t, inclusive=True)) / n_normal
 
     # Curve: (0, 0), then for each t the point just above it and the point at it, then (1, PRO(min)).
     fpr = np.concatenate([[0.0], np.stack([fpr_gt, fpr_ge], 1).ravel(), [1.0]])
@@ -183,6 +213,7 @@ def compute_metrics(
     f1, threshold = image_f1_max(scores, labels)
     metrics = {"image_AUROC": image_auroc(scores, labels), "image_F1": f1, "image_F1_threshold": threshold}
     if maps is not None and masks is not None:
-        metrics["pixel_AUROC"] = pixel_auroc(maps, masks)
-        metrics["pixel_AUPRO"] = pixel_aupro(maps, masks)
+        pixels = PixelScores(maps, masks)  # one sort of the normal pixels serves both
+        metrics["pixel_AUROC"] = _pixel_auroc(pixels)
+        metrics["pixel_AUPRO"] = _pixel_aupro(pixels, fpr_limit=0.3)
     return metrics

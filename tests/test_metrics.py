@@ -159,8 +159,24 @@ def test_pixel_auroc_matches_sklearn(seed, levels):
     maps, masks = _pixel_data(seed, levels=levels)
     expected = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
     assert pixel_auroc(maps, masks) == pytest.approx(expected, abs=1e-10)
-    # More anomalous than normal pixels takes the other search direction.
+    # More anomalous than normal pixels.
     assert pixel_auroc(maps, ~masks) == pytest.approx(1 - expected, abs=1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pixel_metrics_do_not_depend_on_how_many_chunks_the_normal_pixels_are_sorted_in(threads):
+    maps, masks = _pixel_data(0, levels=20)  # ties across chunk borders
+    expected = compute_metrics(maps.flatten(1).amax(1), masks.flatten(1).any(1).long(), maps, masks)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = compute_metrics(maps.flatten(1).amax(1), masks.flatten(1).any(1).long(), maps, masks)
+    finally:
+        torch.set_num_threads(before)
+    assert got["pixel_AUROC"] == pytest.approx(expected["pixel_AUROC"], abs=1e-12)
+    assert got["pixel_AUPRO"] == pytest.approx(expected["pixel_AUPRO"], abs=1e-12)
+    assert got["pixel_AUROC"] == pytest.approx(roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy()),
+                                               abs=1e-10)
 
 
 def test_pixel_auroc_edge_cases():
