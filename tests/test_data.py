@@ -298,6 +298,63 @@ def test_palette_image_uses_palette_colours(tmp_path: Path) -> None:
     assert np.array_equal(read_image(tmp_path / "p.png"), rgb)
 
 
+def _png_variants(folder: Path) -> dict[str, Path]:
+    """One PNG of each kind the decoder may meet: the 8-bit ones imagecodecs takes and the rest."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (24, 40), dtype=np.uint8)
+    paths = {name: folder / f"{name}.png" for name in
+             ("rgb", "grey", "interlaced", "rgba", "palette", "grey4", "trns", "grey16", "rgb16")}
+    Image.fromarray(rgb).save(paths["rgb"])
+    Image.fromarray(grey).save(paths["grey"])
+    Image.fromarray(rgb).save(paths["interlaced"], interlace=1)  # Pillow writes Adam7 only if asked
+    Image.fromarray(np.dstack([rgb, grey])).save(paths["rgba"])
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(paths["palette"])
+    Image.fromarray(grey // 17).save(paths["grey4"], bits=4)
+    Image.fromarray(rgb).save(paths["trns"], transparency=tuple(int(v) for v in rgb[0, 0]))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(paths["grey16"])
+    write_png16(paths["rgb16"], rng.integers(0, 65536, (24, 40, 3)).astype(np.uint16))
+    return paths
+
+
+def test_fast_png_path_decodes_8_bit_greyscale_and_rgb_pngs_only(tmp_path: Path, monkeypatch) -> None:
+    import ad.data.io as io
+
+    decoded_fast = []
+    real_decode = io.png_decode
+    monkeypatch.setattr(io, "png_decode", lambda data: decoded_fast.append(data) or real_decode(data))
+    paths = _png_variants(tmp_path)
+    for name, path in paths.items():
+        decoded_fast.clear()
+        read_image(path)
+        # 8-bit greyscale/RGB without a tRNS chunk -> imagecodecs; anything else stays with Pillow
+        assert bool(decoded_fast) == (name in ("rgb", "grey", "interlaced")), name
+
+
+@pytest.mark.parametrize("size", [None, 16])
+def test_fast_png_path_gives_exactly_pillows_pixels(tmp_path: Path, monkeypatch, size) -> None:
+    import ad.data.io as io
+
+    paths = _png_variants(tmp_path)
+    fast = {name: read_image(path, size) for name, path in paths.items()}
+    fast_masks = {name: read_mask(path, size) for name, path in paths.items()}
+    monkeypatch.setattr(io, "png_decode", None)
+    for name, path in paths.items():
+        assert np.array_equal(fast[name], read_image(path, size)), name
+        assert np.array_equal(fast_masks[name], read_mask(path, size)), name
+
+
+def test_corrupt_png_pixel_data_is_named_by_pillows_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[60:90] = b"\x00" * 30  # damage the compressed pixel data, keep the header
+    path.write_bytes(bytes(data))
+    with pytest.raises(ADError, match="cannot read image") as error:
+        read_image(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
 def test_large_jpeg_resized(tmp_path: Path) -> None:
     path = tmp_path / "big.jpg"
     Image.fromarray(np.full((300, 400, 3), 120, np.uint8)).save(path, quality=95)
