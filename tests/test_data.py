@@ -566,3 +566,18 @@ def test_batch_normalisation_matches_per_image_and_collates_channels_last() -> N
     collated = collate(items)
     assert collated["image"].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(collated["image"], batch) and collated["label"].tolist() == [0, 1, 2]
+    assert collated["image"].data_ptr() == batch.data_ptr()  # the batch itself, not a copy of it
+
+
+def test_collate_stacks_images_that_are_not_one_batch_in_order() -> None:
+    from ad.data import collate, normalize_batch
+
+    batch = normalize_batch(np.random.default_rng(2).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
+    out_of_order, one_copied = [batch[2], batch[0], batch[1]], [batch[0], batch[1].clone(), batch[2]]
+    for images in (out_of_order, one_copied, [image.contiguous() for image in batch]):
+        collated = collate([{"image": image, "label": torch.tensor(0)} for image in images])
+        assert torch.equal(collated["image"], torch.stack(images))
+        assert all(collated["image"].data_ptr() != image.data_ptr() for image in images)
+    # items from the dataset, read one by one (NCHW) and as a batch (a view of one tensor)
+    dataset_batch = normalize_batch(np.zeros((2, SIZE, SIZE, 3), np.uint8))
+    assert torch.equal(collate([{"image": dataset_batch[0]}, {"image": dataset_batch[1]}])["image"], dataset_batch)
