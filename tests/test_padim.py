@@ -60,24 +60,52 @@ def test_odd_image_size_embeds_like_interpolate():
 def test_gaussian_per_position_matches_numpy(fitted):
     model, train = fitted
     emb = model.embed(train).double().numpy()  # (P, N, C)
-    for p in (0, 37, emb.shape[0] - 1):
+    positions = [0, 37, 38, emb.shape[0] - 1]
+    precision = model.precision(torch.tensor(positions)).double().numpy()
+    for p, inverse in zip(positions, precision, strict=True):
         cov = np.cov(emb[p], rowvar=False) + (COV_EPS + INV_EPS) * np.eye(emb.shape[2])
-        whitening = model.whitening[p].double().numpy()
         np.testing.assert_allclose(model.mean[p].numpy(), emb[p].mean(0), rtol=1e-4, atol=1e-5)
-        np.testing.assert_array_equal(whitening, np.tril(whitening))  # the inverse Cholesky factor
-        np.testing.assert_allclose(whitening.T @ whitening, np.linalg.inv(cov), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(inverse, np.linalg.inv(cov), rtol=2e-3, atol=2e-3)
+    for whitening in (model.whitening_fine, model.whitening_coarse):  # inverse Cholesky factors
+        assert torch.equal(whitening, whitening.tril())
+
+
+def _assert_distances_are_mahalanobis(model, train, image, positions=None):
+    emb = model.embed(train).double().numpy()
+    test_emb = model.embed(image)[:, 0].double().numpy()  # (P, C)
+    distances = model.distances(image).flatten()
+    assert distances.numel() == emb.shape[0]
+    for p in positions or range(emb.shape[0]):
+        cov = np.cov(emb[p], rowvar=False) + (COV_EPS + INV_EPS) * np.eye(emb.shape[2])
+        expected = mahalanobis(test_emb[p], emb[p].mean(0), np.linalg.inv(cov))
+        assert distances[p].item() == pytest.approx(expected, rel=1e-3), p
 
 
 def test_distance_is_mahalanobis_to_the_training_gaussian(fitted):
     model, train = fitted
-    emb = model.embed(train).double().numpy()
-    image = torch.randn(1, 3, 64, 64)
-    test_emb = model.embed(image)[:, 0].double().numpy()  # (P, C)
-    distances = model.distances(image).flatten()
-    for p in (0, 5, emb.shape[0] - 1):
-        cov = np.cov(emb[p], rowvar=False) + (COV_EPS + INV_EPS) * np.eye(emb.shape[2])
-        expected = mahalanobis(test_emb[p], emb[p].mean(0), np.linalg.inv(cov))
-        assert distances[p].item() == pytest.approx(expected, rel=1e-3)
+    assert 0 < model.n_fine < len(model.channel_idx)  # both blocks of the split are exercised
+    _assert_distances_are_mahalanobis(model, train, torch.randn(1, 3, 64, 64), positions=(0, 5, 37, 255))
+
+
+def test_distance_is_mahalanobis_on_grids_that_are_not_multiples_of_each_other():
+    torch.manual_seed(1)
+    model = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=12)
+    train = torch.randn(16, 3, 42, 42)  # layer grids 11, 6, 3: irregular cells of layer3
+    model.fit([{"image": train[:9]}, {"image": train[9:]}], DEVICE)
+    assert model.distances(train[:2]).shape == (2, 11, 11)
+    _assert_distances_are_mahalanobis(model, train, torch.randn(1, 3, 42, 42))
+
+
+@pytest.mark.parametrize("kept", ["only earlier layers", "only the last layer"])
+def test_distance_is_mahalanobis_when_one_block_is_empty(kept):
+    torch.manual_seed(2)
+    model = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=6)
+    model.channel_idx = torch.tensor([1, 9, 70, 100, 150, 190]) if kept == "only earlier layers" \
+        else torch.tensor([200, 250, 300, 301, 400, 447])
+    assert model.n_fine == (6 if kept == "only earlier layers" else 0)
+    train = torch.randn(12, 3, 32, 32)
+    model.fit([{"image": train}], DEVICE)
+    _assert_distances_are_mahalanobis(model, train, torch.randn(1, 3, 32, 32))
 
 
 def test_map_is_image_sized_and_score_is_its_maximum(fitted):
