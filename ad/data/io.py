@@ -113,7 +113,7 @@ def _fast_png(path: Path, image: Image.Image) -> Image.Image | None:
     shape = (image.height, image.width, 3) if mode == "RGB" else (image.height, image.width)
     if pixels.dtype != np.uint8 or pixels.shape != shape:
         return None
-    return Image.fromarray(pixels, mode)
+    return Image.fromarray(pixels)  # (H, W) uint8 -> L, (H, W, 3) -> RGB
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
