@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
+
+from ad.priority import lowest_priority
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,6 @@ def _torch_save(value, file) -> None:
         torch.save(value, file)
 
 
-def _lowest_priority() -> None:
-    """Lower the calling thread to the lowest CPU priority (Linux schedules threads by their own id)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux/Unix, or not permitted: writes just compete evenly
-        pass
-
-
 class DiskCache:
     """Tensors (or dicts/lists of tensors) and numpy arrays, stored one file per key under ``root/<kind>/``."""
 
@@ -85,7 +78,7 @@ class DiskCache:
         """Like ``save``, on a background thread, so writing overlaps the next backbone pass."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ad-cache",
-                                              initializer=_lowest_priority)
+                                              initializer=lowest_priority)
         self._in_flight[(kind, key)] = value
 
         def write() -> None:

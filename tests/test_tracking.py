@@ -1,5 +1,6 @@
 """Tests for ad.tracking against a throwaway SQLite MLflow store per test."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -372,3 +373,20 @@ def test_background_mlflow_run_nests_under_the_callers_active_run(tracking_uri, 
     run = MlflowClient(tracking_uri).get_run(child_id)
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.info.status == "FINISHED" and run.data.metrics["image_AUROC"] == 0.9
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a Unix call")
+def test_background_tracker_runs_at_the_lowest_priority_and_leaves_the_caller_alone():
+    # MLflow's seconds of Python must wait for idle cycles, not take a core from the backbone.
+    import threading
+
+    from ad.tracking import BackgroundTracker, NullTracker
+
+    def own_priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = own_priority()
+    tracker = BackgroundTracker(NullTracker())
+    assert tracker._pool.submit(own_priority).result() == 19
+    assert own_priority() == before
+    tracker.end()
