@@ -7,6 +7,7 @@ failure marks the tracking run FAILED (never left RUNNING) and re-raises.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -222,25 +223,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("%s on %s/%s: %d train, %d test images, %s, %s", model_name, dataset_name, category,
                  len(dataset.train), len(dataset.test), device, precision)
 
-        start = time.perf_counter()
-        keep_maps = model.produces_maps and dataset.has_masks
-        test_loader = make_loader(dataset.test_set(cache), cfg.trainer, device)
-        trained = {}
-        if isinstance(model, TrainableModel):
-            trainer = make_trainer(cfg, run_dir, device, dtype, tracker, resume_from)
-            trainer.fit(model, dataset.train_set(cache), lambda: evaluate(model, test_loader, device, keep_maps))
-            trained = {"epochs": trainer.epochs}
-        elif resume_from is not None:
-            raise ADError(f"trainer.resume: {model_name} is fitted in one pass, not trained in epochs; drop it")
-        else:
-            model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
-        fit_s = time.perf_counter() - start
-        tracker.log_model(model)  # a copy, stored in the background while the test split is scored
+        # cache writes wait until fit and test are done: meanwhile they would take the backbone's cores
+        with cache.holding_writes() if cache is not None else contextlib.nullcontext():
+            start = time.perf_counter()
+            keep_maps = model.produces_maps and dataset.has_masks
+            test_loader = make_loader(dataset.test_set(cache), cfg.trainer, device)
+            trained = {}
+            if isinstance(model, TrainableModel):
+                trainer = make_trainer(cfg, run_dir, device, dtype, tracker, resume_from)
+                trainer.fit(model, dataset.train_set(cache), lambda: evaluate(model, test_loader, device, keep_maps))
+                trained = {"epochs": trainer.epochs}
+            elif resume_from is not None:
+                raise ADError(f"trainer.resume: {model_name} is fitted in one pass, not trained in epochs; drop it")
+            else:
+                model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
+            fit_s = time.perf_counter() - start
+            tracker.log_model(model)  # a copy, stored in the background while the test split is scored
 
-        start = time.perf_counter()
-        outputs = score(model, test_loader, device, keep_maps)
-        metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
-        test_s = time.perf_counter() - start
+            start = time.perf_counter()
+            outputs = score(model, test_loader, device, keep_maps)
+            metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
+            test_s = time.perf_counter() - start
 
         uses_backbone = model.weights_source != "none"  # GANomaly learns from pixels: no backbone to name
         backbone_name = cfg.backbone.name if uses_backbone else "none"
