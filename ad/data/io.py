@@ -101,11 +101,12 @@ def _fast_png(path: Path, image: Image.Image) -> Image.Image | None:
     """
     if png_decode is None or image.format != "PNG" or "transparency" in image.info:
         return None
-    data = path.read_bytes()
-    # IHDR is the first chunk: width and height at bytes 16-23, then bit depth and colour type.
-    mode = _FAST_PNG_COLOUR_TYPES.get(data[25]) if data[:8] == _PNG_SIGNATURE and len(data) > 25 else None
-    if mode is None or data[24] != 8:
-        return None
+    with open(path, "rb") as file:
+        header = file.read(26)  # IHDR is the first chunk: size at bytes 16-23, then bit depth, colour type
+        mode = _FAST_PNG_COLOUR_TYPES.get(header[25]) if header[:8] == _PNG_SIGNATURE and len(header) > 25 else None
+        if mode is None or header[24] != 8:
+            return None
+        data = header + file.read()
     try:
         pixels = png_decode(data)
     except Exception:  # noqa: BLE001 - truncated or corrupt: Pillow's decoder raises the readable error
