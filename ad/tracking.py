@@ -337,16 +337,25 @@ class MLflowTracker(Tracker):
     def prepare(self) -> None:
         """Import MLflow's model flavour and build its installed-package map ahead of ``log_model``.
 
-        MLflow checks a logged model's requirements against the environment by scanning every
-        installed distribution (seconds); doing it here, on the background thread while the job
-        fits, takes it off the end of the run. A private MLflow helper, so failures are ignored.
+        MLflow checks a logged model's requirements against the environment with a map from every
+        installed distribution to its modules (seconds to build); the map is built here, on the
+        background thread, from the pinned requirements alone. Private MLflow helpers, so failures
+        are ignored: ``log_model`` then builds the full map itself.
         """
         if not self.save_model:
             return
         try:
             from mlflow.utils import requirements_utils
+            from packaging.requirements import Requirement
 
-            pinned_requirements()
+            requirements = pinned_requirements()
+            if requirements_utils._MODULES_TO_PACKAGES is None:
+                # MLflow maps every installed distribution to its modules for that check (about 1 s of
+                # importlib's packages_distributions here). The requirements are pinned from this very
+                # environment, and the check reads each one's installed version by its distribution
+                # name, so a map of just those names gives the same answers.
+                names = {Requirement(requirement).name for requirement in requirements}
+                requirements_utils._MODULES_TO_PACKAGES = {name: [name] for name in names}
             requirements_utils._init_packages_to_modules_map()
         except Exception as exc:  # only a warm-up: log_model works without it
             log.debug("MLflow requirement warm-up skipped: %s", exc)

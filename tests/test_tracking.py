@@ -390,3 +390,25 @@ def test_background_tracker_runs_at_the_lowest_priority_and_leaves_the_caller_al
     assert tracker._pool.submit(own_priority).result() == 19
     assert own_priority() == before
     tracker.end()
+
+
+def test_prepare_checks_the_pinned_requirements_without_scanning_every_distribution(tracking_uri, tmp_path,
+                                                                                     monkeypatch):
+    # MLflow's full module map scans every installed distribution (about 1 s); the pinned requirements
+    # come from this environment, so checking them by name must find no mismatch.
+    from mlflow.utils import requirements_utils
+
+    from ad.tracking import pinned_requirements
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions",
+                        lambda: pytest.fail("scanned every installed distribution"))
+    tracker = started(tracking_uri, tmp_path)
+    try:
+        tracker.prepare()
+    finally:
+        tracker.end()
+    requirements = pinned_requirements() + [f"mlflow=={mlflow.__version__}"]  # MLflow adds its own pin
+    assert {"torch", "timm"} <= set(requirements_utils._MODULES_TO_PACKAGES)
+    assert all(requirements_utils._check_requirement_satisfied(r) is None for r in requirements)
