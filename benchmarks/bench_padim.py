@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -342,7 +343,8 @@ def secs(value: float | None) -> str:
 
 #: Rows of the main table: (result key, label, detail) for fit+test and for the whole command.
 FIT_TEST_ROWS = (
-    ("ad_none", "ad fit+test (cold cache)", "fit {fit} + test {test}, from metrics.json"),
+    ("ad_none", "ad fit+test (cold cache, tracking=none)", "fit {fit} + test {test}, from metrics.json"),
+    ("ad_mlflow", "ad fit+test (cold cache, MLflow)", "fit {fit} + test {test}; MLflow working on its own thread"),
     ("ad_none_warm", "ad fit+test (warm feature cache)", "fit {fit} + test {test}; features read back from disk"),
     ("anomalib", "anomalib fit+test", "fit {fit} (train epoch + validation on the test images) + test {test}"),
 )
@@ -388,6 +390,8 @@ def format_report(r: dict) -> str:
     for name, (value, target) in r["promises"].items():
         met = "—" if value is None else ("yes" if value <= target else "NO")
         lines.append(f"| {name} | {'—' if value is None else f'{value:.2f}'} | ≤ {target:.2f} | {met} |")
+    if (spread := per_repetition(r)) is not None:
+        lines.append(spread)
     if "anomalib" in r:
         lines.append(f"\nanomalib versions: {r['anomalib'].get('versions')}")
     sanity = [f"{k}: image AUROC {r[k]['image_AUROC']:.3f}, pixel AUROC {r[k]['pixel_AUROC']:.3f}"
@@ -395,6 +399,19 @@ def format_report(r: dict) -> str:
     if sanity:
         lines.append("Sanity check (same images, same weights): " + "; ".join(sanity))
     return head + "\n" + "\n".join(lines)
+
+
+def per_repetition(r: dict) -> str | None:
+    """ad fit+test over the ad floor of the same repetition, for each repetition: the minima above can
+    come from different repetitions, and this shows how far one run strays from another."""
+    floors = [run["wall_s"] for run in r["floor"]["runs"].get("ad_extractor", [])]
+    parts = []
+    for key, label in (("ad_none", "tracking=none"), ("ad_mlflow", "MLflow")):
+        if key in r and floors:
+            runs = zip(r[key]["runs"], floors, strict=False)
+            ratios = [(run["fit_s"] + run["test_s"]) / floor for run, floor in runs]
+            parts.append(f"{label} {', '.join(f'{v:.2f}' for v in ratios)} (median {statistics.median(ratios):.2f})")
+    return "Per repetition, ad fit+test / ad floor: " + "; ".join(parts) if parts else None
 
 
 def promises(r: dict) -> dict:
