@@ -190,8 +190,8 @@ class Padim(AnomalyModel):
         (h, w), (last_h, last_w) = grid, last_grid
         rows, cols = nearest_index(last_h, h, device), nearest_index(last_w, w, device)
         cells, cell_of = torch.unique((rows[:, None] * last_w + cols[None, :]).flatten(), return_inverse=True)
-        representative = torch.empty(len(cells), dtype=torch.long, device=device)
-        representative[cell_of] = torch.arange(h * w, device=device)  # any position: their values are copies
+        positions = torch.arange(h * w, device=device)  # each cell's first position (its values are copies)
+        representative = positions.new_full((len(cells),), h * w).scatter_reduce_(0, cell_of, positions, "amin")
         self.cell_of, self.representative = cell_of, representative
 
     @torch.no_grad()
