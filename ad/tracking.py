@@ -502,8 +502,9 @@ class BackgroundTracker(Tracker):
 
     Opening MLflow's store (imports, schema check) and logging a model cost several seconds of
     Python that need not hold up fitting and scoring; the thread runs at the lowest CPU priority,
-    so that work fills idle cycles instead of taking a core from the backbone. Calls return at once; a failed call is
-    re-raised on the next call or by :meth:`wait`, and :meth:`end` waits for everything queued.
+    so that work fills idle cycles instead of taking a core from the backbone. Calls return at
+    once; a failed call is re-raised on the next call or by :meth:`wait`, and :meth:`end` waits
+    for everything queued.
     MLflow's fluent run stack is per thread, so every call to the wrapped tracker runs on the
     same single worker thread.
     """

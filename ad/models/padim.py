@@ -108,6 +108,13 @@ def inverse_cholesky_(matrices: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     return matrices
 
 
+def covariance_(sums: torch.Tensor, mean_rows: torch.Tensor, mean_cols: torch.Tensor, count: int) -> torch.Tensor:
+    """Turn streamed sums of outer products Σ d dᵀ into sample covariances, in place and fused:
+    (S - n·m_r·m_cᵀ) / (n - 1), with ``mean_rows`` (N, R) and ``mean_cols`` (N, K) the block's means."""
+    return torch.baddbmm(sums, mean_rows[:, :, None], mean_cols[:, None, :], beta=1 / (count - 1),
+                         alpha=-count / (count - 1), out=sums)
+
+
 def couple(b: torch.Tensor, d_inv: torch.Tensor, cell_of: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """G = B D⁻¹ for every position: ``b`` (P, F, K), ``d_inv`` (cells, K, K), ``cell_of`` (P,) -> (P, F, K).
 
@@ -221,15 +228,12 @@ class Padim(AnomalyModel):
         if count < 2:
             raise ADError(f"dataset: PaDiM needs at least 2 training images, got {count}")
         mean_d = s1 / count
-        # cov = (S2 - n·m·mᵀ) / (n - 1), fused and in place
-        rows = torch.baddbmm(s2_rows, mean_d[:, :f, None], mean_d[:, None, :], beta=1 / (count - 1),
-                             alpha=-count / (count - 1), out=s2_rows)  # (P, F, C): [A | B]
+        rows = covariance_(s2_rows, mean_d[:, :f], mean_d, count)  # (P, F, C): [A | B]
         mean_coarse = mean_d[self.representative, f:]
-        coarse = torch.baddbmm(s2_coarse, mean_coarse[:, :, None], mean_coarse[:, None, :], beta=1 / (count - 1),
-                               alpha=-count / (count - 1), out=s2_coarse)  # (cells, K, K): D
+        coarse = covariance_(s2_coarse, mean_coarse, mean_coarse, count)  # (cells, K, K): D
         a, b = rows[..., :f], rows[..., f:]
-        a.diagonal(dim1=-2, dim2=-1).add_(COV_EPS + INV_EPS)
-        coarse.diagonal(dim1=-2, dim2=-1).add_(COV_EPS + INV_EPS)
+        for block in (a, coarse):  # the diagonal blocks of Σ take the regulariser
+            block.diagonal(dim1=-2, dim2=-1).add_(COV_EPS + INV_EPS)
         whitening_coarse = inverse_cholesky_(coarse)
         coupling = couple(b, whitening_coarse.transpose(1, 2) @ whitening_coarse, self.cell_of)  # G = B D⁻¹
         schur = torch.baddbmm(a, coupling, b.transpose(1, 2), alpha=-1)  # S = A - G Bᵀ
