@@ -3,7 +3,7 @@
 The weights come from one of three places and the run always says which (``weights_source``):
 ``imagenet`` (timm's pretrained weights under an explicitly pinned tag, from the local Hugging Face
 cache or the hub), ``file`` (a local timm/torchvision state-dict checkpoint, for air-gapped
-machines) or ``random`` (deliberately, or after a loud warning when ImageNet weights cannot be
+machines; every weight must fit the architecture) or ``random`` (deliberately, or after a loud warning when ImageNet weights cannot be
 fetched), so nobody mistakes a random-feature result for a real one.
 """
 
@@ -128,12 +128,93 @@ def _cached_hub_file(hf_hub_id: str) -> str | None:
     return None
 
 
-def _create(name: str, out_indices: list[int], file: str | None = None, pretrained: bool = False) -> nn.Module:
-    overlay = {"file": file} if file else None
+def _create(name: str, out_indices: list[int], file: str | None = None, pretrained: bool = False,
+            state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The timm features-only model, loading weights from a file, a checked state dict or timm's source."""
+    overlay = {"state_dict": state_dict} if state_dict is not None else {"file": file} if file else None
     return timm.create_model(
-        name, pretrained=pretrained or bool(file), features_only=True, out_indices=out_indices,
+        name, pretrained=pretrained or overlay is not None, features_only=True, out_indices=out_indices,
         pretrained_cfg_overlay=overlay,
     )
+
+
+#: Prefixes a wrapper puts on every key of a saved state dict: DDP, torch.compile, and the attribute
+#: names training code keeps a backbone under. Stripped only when every key has them.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
+#: Where training checkpoints keep the weights, in timm's order of preference (EMA weights first).
+CHECKPOINT_ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in a ``.pth``/``.bin`` (weights only) or ``.safetensors`` file, and where in it it was."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            checkpoint = load_file(str(path), device="cpu")
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling, safetensors and I/O errors all mean "unreadable"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ADError(f"backbone.weights: cannot read checkpoint '{path}' ({reason}); save it with "
+                      f"torch.save(model.state_dict(), path)") from None
+    entry = next((key for key in CHECKPOINT_ENTRIES if isinstance(checkpoint, dict)
+                  and isinstance(checkpoint.get(key), dict)), None)
+    state = checkpoint[entry] if entry else checkpoint
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        found = ", ".join(map(str, list(checkpoint)[:5])) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ADError(f"backbone.weights: '{path}' holds no state dict of tensors (found: {found}); save one with "
+                      f"torch.save(model.state_dict(), path)")
+    return state, f"its '{entry}' entry" if entry else "the whole file"
+
+
+def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove the ``WRAPPER_PREFIXES`` that every key shares (``module.backbone.`` too); returns what was removed."""
+    removed = ""
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None):
+        state = {key[len(prefix):]: value for key, value in state.items()}
+        removed += prefix
+    return state, removed
+
+
+def _listed(keys: list[str], limit: int = 3) -> str:
+    """The first ``limit`` keys and how many there are, for a one-line message."""
+    more = f" ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_fits(state: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    """ADError unless ``state`` holds every weight of timm's ``name`` at its shape, and nothing else.
+
+    The classifier head may be absent or of any size (features-only models drop it, as timm does),
+    and so may batch-norm ``num_batches_tracked`` counters (torchvision's older files have none;
+    batch norm fills them in). timm itself loads a features-only model non-strictly, so a checkpoint
+    under another prefix or without some layers loaded partly or not at all, without an error.
+    """
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False)
+    classifier = reference.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{head}." for head in ((classifier,) if isinstance(classifier, str) else classifier))
+    expected = {key: tuple(t.shape) for key, t in reference.state_dict().items() if not key.startswith(heads)}
+    missing = [key for key in expected if key not in state and not key.endswith(".num_batches_tracked")]
+    unexpected = [key for key in state if key not in expected and not key.startswith(heads)]
+    wrong = [f"{key} {tuple(state[key].shape)} for {expected[key]}" for key in expected
+             if key in state and tuple(state[key].shape) != expected[key]]
+    problems = [f"{what} {_listed(keys)}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape:", wrong)) if keys]
+    if problems:
+        raise ADError(f"backbone.weights: '{path}' does not fit backbone {name}: {'; '.join(problems)}; pass a "
+                      f"state dict of {name} (keys like {next(iter(expected))})")
+
+
+def load_checkpoint(name: str, out_indices: list[int], path: Path) -> nn.Module:
+    """The features-only model with every weight from a local checkpoint, or an ADError saying what does not fit."""
+    state, where = read_checkpoint(path)
+    state, prefix = strip_wrapper_prefix(state)
+    check_fits(state, name, path)
+    stripped = f", prefix '{prefix}' stripped from every key" if prefix else ""
+    log.info("backbone.weights: %d tensors of %s from %s of %s%s", len(state), name, where, path, stripped)
+    return _create(name, out_indices, state_dict=state)
 
 
 def _random_init_warning(reason: str) -> None:
@@ -155,11 +236,7 @@ def build_feature_model(name: str, layers: list[str], weights: str, tag: str | N
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ADError(f"backbone.weights: '{weights}' is neither imagenet, random nor an existing checkpoint file")
-        try:
-            return _create(name, out_indices, file=str(path)), "file"
-        except (RuntimeError, KeyError, ValueError, EOFError, OSError) as exc:
-            first_line = str(exc).strip().splitlines()[0][:300]
-            raise ADError(f"backbone.weights: '{path}' does not fit backbone {name} ({first_line})") from None
+        return load_checkpoint(name, out_indices, path), "file"
 
     full_name = f"{name}.{tag}" if tag else name
     if tag and full_name not in timm.list_pretrained(f"{name}.*"):

@@ -1,0 +1,97 @@
+"""Inputs that used to give silently wrong results: each must now load exactly or stop with one clear line.
+
+A mis-keyed backbone checkpoint, a dataset file replaced in place, a damaged cache entry, a PNG that
+fails its checksum, and a dataset archive cut short or pointing outside its folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from ad.backbone import FeatureExtractor
+from ad.errors import ADError
+
+# ---------------------------------------------------------------- backbone checkpoints
+
+
+@pytest.fixture(scope="module")
+def resnet18_state() -> dict[str, torch.Tensor]:
+    """A full resnet18 state dict with seeded random weights, as ``torch.save(model.state_dict())`` writes it."""
+    torch.manual_seed(7)
+    return timm.create_model("resnet18", pretrained=False).state_dict()
+
+
+def features_of(state: dict[str, torch.Tensor], images: torch.Tensor) -> list[torch.Tensor]:
+    """layer1 and layer3 maps of a plain timm resnet18 holding ``state``."""
+    model = timm.create_model("resnet18", features_only=True, out_indices=(1, 3)).eval()
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))})
+    with torch.no_grad():
+        return model(images)
+
+
+def save(state: dict, path: Path) -> str:
+    torch.save(state, path)
+    return str(path)
+
+
+def assert_loads_exactly(weights: str, state: dict[str, torch.Tensor]) -> None:
+    extractor = FeatureExtractor("resnet18", ["layer1", "layer3"], weights=weights, precision="fp32")
+    assert extractor.weights_source == "file"
+    images = torch.randn(2, 3, 64, 64)
+    for ours, reference in zip(extractor(images), features_of(state, images), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", ["backbone.", "module.", "model.", "encoder.", "module.backbone."])
+def test_a_checkpoint_under_a_wrapper_prefix_loads_exactly_and_says_so(resnet18_state, tmp_path, caplog, prefix):
+    path = save({prefix + key: value for key, value in resnet18_state.items()}, tmp_path / "wrapped.pth")
+    with caplog.at_level(logging.INFO, logger="ad.backbone"):
+        assert_loads_exactly(path, resnet18_state)
+    assert f"'{prefix}'" in caplog.text
+
+
+def test_a_training_checkpoint_with_its_state_dict_nested_loads_exactly(resnet18_state, tmp_path):
+    path = save({"epoch": 3, "state_dict": {"model." + k: v for k, v in resnet18_state.items()}}, tmp_path / "c.pth")
+    assert_loads_exactly(path, resnet18_state)
+
+
+def test_a_headless_checkpoint_and_one_without_batchnorm_counters_load(resnet18_state, tmp_path):
+    # torchvision's original resnet files have no num_batches_tracked; a features model saves no fc
+    kept = {k: v for k, v in resnet18_state.items() if not k.startswith("fc.") and "num_batches_tracked" not in k}
+    assert_loads_exactly(save(kept, tmp_path / "headless.pth"), resnet18_state)
+
+
+def test_a_safetensors_checkpoint_loads_exactly(resnet18_state, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "resnet18.safetensors"
+    safetensors.save_file({k: v.contiguous() for k, v in resnet18_state.items()}, str(path))
+    assert_loads_exactly(str(path), resnet18_state)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda s: {k: v for k, v in s.items() if not k.startswith("layer2.")}, "missing.*layer2.0"),
+        (lambda s: {("backbone." if k.startswith("layer") else "") + k: v for k, v in s.items()},
+         "missing.*layer1.0.*unexpected.*backbone.layer1.0"),
+        (lambda s: {**s, "head.proj.weight": torch.zeros(3)}, "unexpected.*head.proj.weight"),
+        (lambda s: {**s, "conv1.weight": torch.zeros(64, 3, 3, 3)}, r"shape.*conv1.weight"),
+    ],
+    ids=["missing-layer", "partial-prefix", "extra-key", "wrong-shape"],
+)
+def test_a_checkpoint_that_does_not_fit_is_one_line_naming_the_keys(resnet18_state, tmp_path, edit, named):
+    path = save(edit(dict(resnet18_state)), tmp_path / "bad.pth")
+    with pytest.raises(ADError, match=rf"backbone\.weights: .*bad\.pth.*{named}") as error:
+        FeatureExtractor("resnet18", ["layer1", "layer3"], weights=path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_file_that_holds_no_state_dict_is_named(tmp_path):
+    path = save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "opt.pth")
+    with pytest.raises(ADError, match=r"backbone\.weights: .*opt\.pth.*no state dict"):
+        FeatureExtractor("resnet18", ["layer1"], weights=path)
