@@ -7,13 +7,19 @@ fails its checksum, and a dataset archive cut short or pointing outside its fold
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from ad.backbone import FeatureExtractor
+from ad.cache import DiskCache
+from ad.data import Sample
+from ad.data.base import cached_decoded, decode, load_decoded
 from ad.errors import ADError
 
 # ---------------------------------------------------------------- backbone checkpoints
@@ -95,3 +101,43 @@ def test_a_file_that_holds_no_state_dict_is_named(tmp_path):
     path = save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "opt.pth")
     with pytest.raises(ADError, match=r"backbone\.weights: .*opt\.pth.*no state dict"):
         FeatureExtractor("resnet18", ["layer1"], weights=path)
+
+
+# ---------------------------------------------------------------- decoded-image cache
+
+
+def fixed_size_image(path: Path, value: int) -> Path:
+    """An uncompressed BMP of one grey level: every such file has the same byte size."""
+    Image.fromarray(np.full((24, 24, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_decoded_again(tmp_path):
+    path = fixed_size_image(tmp_path / "a.bmp", 10)
+    sample, cache = Sample(image=path, label=0, defect="good"), DiskCache(tmp_path / "cache")
+    assert load_decoded(sample, 16, cache)[0].max() == 10
+    stat = path.stat()
+    replacement = fixed_size_image(tmp_path / "b.bmp", 200)
+    os.replace(replacement, path)  # same size, and the old mtime put back, as `cp -p` or a sync tool would
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert load_decoded(sample, 16, cache)[0].max() == 200
+
+
+def test_a_cache_entry_corrupted_in_place_is_a_miss_and_is_rewritten(tmp_path, caplog):
+    path = fixed_size_image(tmp_path / "a.bmp", 10)
+    sample, cache = Sample(image=path, label=0, defect="good"), DiskCache(tmp_path / "cache")
+    load_decoded(sample, 16, cache)
+    entry = next((tmp_path / "cache").rglob("*.npy"))
+    good = entry.read_bytes()
+    damaged = bytearray(good)
+    damaged[-300] ^= 0xFF  # a pixel byte: the file still parses as an array of the right shape
+    entry.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING):
+        assert cached_decoded(sample, 16, cache) is None
+    assert "cache entry" in caplog.text
+    image, mask = load_decoded(sample, 16, cache)
+    expected = decode(sample, 16)
+    assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
+    assert entry.read_bytes() == good  # rewritten
+    assert np.array_equal(cached_decoded(sample, 16, cache)[0], expected[0])
