@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from PIL import Image
 
 from ad.backbone import FeatureExtractor
 from ad.cache import DiskCache
-from ad.data import Sample
+from ad.data import Sample, read_image
 from ad.data.base import cached_decoded, decode, load_decoded
 from ad.errors import ADError
 
@@ -141,3 +143,50 @@ def test_a_cache_entry_corrupted_in_place_is_a_miss_and_is_rewritten(tmp_path, c
     assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
     assert entry.read_bytes() == good  # rewritten
     assert np.array_equal(cached_decoded(sample, 16, cache)[0], expected[0])
+
+
+# ---------------------------------------------------------------- PNG checksums
+
+
+def png_with_stale_crc(path: Path) -> tuple[Path, np.ndarray]:
+    """An 8-bit RGB PNG whose pixel data was altered after writing: zlib is consistent, the chunk CRC is not.
+
+    The pixels are stored uncompressed so that one byte can be flipped and the zlib checksum
+    recomputed, as a bit flip the zlib stream cannot see: only PNG's own CRC catches it.
+    """
+    pixels = (np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3)
+    Image.fromarray(pixels).save(path, compress_level=0)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 4
+    length = struct.unpack(">I", data[start - 8 : start - 4])[0]
+    stream = bytearray(data[start : start + length])
+    stream[100] ^= 0xFF
+    stream[-4:] = struct.pack(">I", zlib.adler32(zlib.decompressobj().decompress(bytes(stream[:-4]))))
+    data[start : start + length] = stream
+    path.write_bytes(bytes(data))
+    return path, pixels
+
+
+@pytest.mark.parametrize("libpng", [True, False], ids=["libpng", "pillow-only"])
+def test_a_png_that_fails_its_crc_is_an_error_naming_the_file(tmp_path, monkeypatch, libpng):
+    import ad.data.io as io
+
+    if not libpng:
+        monkeypatch.setattr(io, "png_decode", None)
+    path, _ = png_with_stale_crc(tmp_path / "flipped.png")
+    with Image.open(path) as image:  # what used to happen: Pillow decodes it, pixels altered
+        assert image.load() is not None
+    with pytest.raises(ADError, match=r"flipped\.png: .*CRC") as error:
+        read_image(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_png_with_a_bad_ancillary_chunk_crc_is_an_error_too(tmp_path):
+    path = tmp_path / "text.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(path)
+    data = path.read_bytes()
+    chunk = b"tEXtComment\x00hi"
+    crc = struct.pack(">I", (zlib.crc32(chunk) ^ 1) & 0xFFFFFFFF)
+    path.write_bytes(data[:33] + struct.pack(">I", len(chunk) - 4) + chunk + crc + data[33:])
+    with pytest.raises(ADError, match=r"text\.png: .*tEXt.*CRC"):
+        read_image(path)

@@ -6,6 +6,7 @@ dataset stops a run with one readable line instead of a Pillow traceback.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,7 +60,7 @@ def index_masks(folder: Path) -> dict[str, Path]:
     return by_stem
 
 
-def _cannot_read(path: Path, error: BaseException) -> ADError:
+def _cannot_read(path: Path, error: BaseException | str) -> ADError:
     """The ADError for a file that exists in the dataset but cannot be decoded."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ADError(f"{path}: cannot read image ({reason}); re-export or remove the file")
@@ -75,11 +76,13 @@ def _decoded(path: Path, draft_size: int | None = None) -> Iterator[tuple[Image.
     try:
         image = Image.open(path)
     except _DECODE_ERRORS as error:
-        raise _cannot_read(path, error) from error
+        raise _cannot_read(path, png_crc_failure(path) or error) from error
     with image:
         size_on_disk = image.size
         decoded = _fast_png(path, image)
         if decoded is None:
+            if image.format == "PNG" and (failure := png_crc_failure(path)):
+                raise _cannot_read(path, failure)
             try:
                 if draft_size is not None and image.format == "JPEG":
                     gap_size = round(draft_size * REDUCING_GAP)
@@ -97,7 +100,7 @@ def _fast_png(path: Path, image: Image.Image) -> Image.Image | None:
     The same pixels as Pillow's decoder in about two thirds of its time (8.7 against 13.3 ms for a
     900 px RGB photo; inflating dominates both), so a dataset's images decode faster, with checksums
     checked as strictly. Any other PNG (palette, alpha or tRNS transparency, 1-4 or 16 bits) goes to
-    Pillow, and so does any file libpng rejects: Pillow then names what is wrong with it.
+    Pillow, and so does any file libpng rejects: ``png_crc_failure`` or Pillow then names what is wrong.
     """
     if png_decode is None or image.format != "PNG" or "transparency" in image.info:
         return None
@@ -115,6 +118,35 @@ def _fast_png(path: Path, image: Image.Image) -> Image.Image | None:
     if pixels.dtype != np.uint8 or pixels.shape != shape:
         return None
     return Image.fromarray(pixels)  # (H, W) uint8 -> L, (H, W, 3) -> RGB
+
+
+def png_crc_failure(path: Path) -> str | None:
+    """Which chunk of a PNG file fails its CRC, or None (also for other formats and cut files: Pillow names those).
+
+    Pillow does not check the CRC of pixel data (IDAT): a damaged PNG that libpng rejects, or one
+    that only Pillow decodes, came out with altered pixels and no error. This check takes about
+    0.35 ms per MB, against 20-30 ms to decode one.
+    """
+    try:
+        data = memoryview(path.read_bytes())
+    except OSError:
+        return None
+    position = len(_PNG_SIGNATURE)
+    if data[:position] != _PNG_SIGNATURE:
+        return None
+    while position + 12 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        end = position + 8 + length  # length, type, data; the CRC covers type and data
+        if end + 4 > len(data):
+            return None
+        kind = bytes(data[position + 4 : position + 8])
+        if zlib.crc32(data[position + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            name = kind.decode("latin-1")
+            return f"PNG chunk {name} at byte {position} fails its CRC check: the file is damaged"
+        if kind == b"IEND":
+            return None
+        position = end + 4
+    return None
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
