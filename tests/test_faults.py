@@ -6,9 +6,11 @@ fails its checksum, and a dataset archive cut short or pointing outside its fold
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -17,11 +19,13 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from test_download import Server, payload, server, tar_of  # noqa: F401 - fixtures used by name
 
 from ad.backbone import FeatureExtractor
 from ad.cache import DiskCache
-from ad.data import Sample, read_image
+from ad.data import MVTecAD, Sample, read_image
 from ad.data.base import cached_decoded, decode, load_decoded
+from ad.data.download import Archive, download_dataset
 from ad.errors import ADError
 
 # ---------------------------------------------------------------- backbone checkpoints
@@ -190,3 +194,63 @@ def test_a_png_with_a_bad_ancillary_chunk_crc_is_an_error_too(tmp_path):
     path.write_bytes(data[:33] + struct.pack(">I", len(chunk) - 4) + chunk + crc + data[33:])
     with pytest.raises(ADError, match=r"text\.png: .*tEXt.*CRC"):
         read_image(path)
+
+
+# ---------------------------------------------------------------- dataset archives
+
+
+def plain_tar(folder: Path, destination: Path) -> Path:
+    """An uncompressed tar of ``folder``'s contents (VisA ships one)."""
+    with tarfile.open(destination, "w") as bundle:
+        for path in sorted(folder.rglob("*")):
+            bundle.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+    return destination
+
+
+def test_a_plain_tar_cut_at_a_member_boundary_installs_nothing(server: Server, payload: Path, tmp_path: Path):
+    whole = plain_tar(payload, tmp_path / "whole.tar")
+    with tarfile.open(whole) as bundle:
+        last = bundle.getmembers()[-1]
+    (server.folder / "cut.tar").write_bytes(whole.read_bytes()[: last.offset])  # ends right before a header
+    root = tmp_path / "data" / "MVTecAD"
+    archive = server.archive("cut.tar")  # its checksum is the cut file's, as when upstream was cut
+    assert archive.sha256 == hashlib.sha256((server.folder / "cut.tar").read_bytes()).hexdigest()
+    with pytest.raises(ADError, match=r"dataset\.archive: .*cut short") as error:
+        download_dataset(root, archive, present=root / "widget")
+    assert "\n" not in str(error.value) and not root.exists()
+
+
+def test_an_archive_without_a_listed_category_installs_nothing(server: Server, payload: Path, tmp_path: Path):
+    tar_of(payload, server.folder / "data.tar.gz")
+    archive = server.archive("data.tar.gz")
+    config = {"url": archive.url, "sha256": archive.sha256}
+    root = tmp_path / "MVTecAD"
+    with pytest.raises(ADError, match=r"dataset\.archive: .*'gadget/train'"):
+        MVTecAD(root=str(root), category="widget", categories=["widget", "gadget"], download=True, archive=config)
+    assert not root.exists()
+
+
+def test_an_archive_without_the_category_folder_installs_nothing(server: Server, payload: Path, tmp_path: Path):
+    (payload / "widget" / "test").rename(payload / "widget" / "tests")
+    tar_of(payload, server.folder / "data.tar.gz")
+    archive = server.archive("data.tar.gz")
+    config = {"url": archive.url, "sha256": archive.sha256}
+    root = tmp_path / "MVTecAD"
+    with pytest.raises(ADError, match=r"dataset\.archive: .*'widget/test'"):
+        MVTecAD(root=str(root), category="widget", download=True, archive=config)
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("folder", ["/etc", "../outside", "a/../../outside", "C:\\data", "."])
+def test_an_archive_folder_outside_the_archive_is_rejected(folder: str, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if folder == ".":  # the archive's top level: allowed
+        assert Archive.from_config({"url": "http://x/a.tar", "sha256": "0" * 64, "folder": folder})
+        return
+    with pytest.raises(ADError, match=r"dataset\.archive\.folder: .*inside the archive") as error:
+        Archive.from_config({"url": "http://x/a.tar", "sha256": "0" * 64, "folder": folder})
+    assert "\n" not in str(error.value)
+    with pytest.raises(ADError, match=r"dataset\.archive\.folder"):
+        Archive(url="http://x/a.tar", sha256="0" * 64, folder=folder)
+    assert outside.is_dir()

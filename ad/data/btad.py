@@ -42,7 +42,8 @@ class BTAD(AnomalyDataset):
         self.root = Path(root).expanduser().absolute()
         if download:
             check_category(category, categories, "BTAD")
-            download_dataset(self.root, Archive.from_config(archive), present=self.root / category)
+            required = [f"{name}/{split}" for name in categories or [category] for split in ("train", "test")]
+            download_dataset(self.root, Archive.from_config(archive), present=self.root / category, required=required)
         category_dir = self.root / category
         if not category_dir.is_dir():
             check_category(category, categories, "BTAD")

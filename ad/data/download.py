@@ -26,7 +26,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,11 @@ class Archive:
     sha256: str
     folder: str | None = None  # folder inside the archive that becomes dataset.root; None = the archive's top level
 
+    def __post_init__(self) -> None:
+        if self.folder is not None and _escapes(self.folder):
+            raise ADError(f"dataset.archive.folder: '{self.folder}' is not a folder inside the archive (absolute, or "
+                          f"climbing out with ..); give its path relative to the archive's top level, or null")
+
     @classmethod
     def from_config(cls, node: Mapping | None) -> Archive:
         """Validate ``dataset.archive`` (url, sha256, folder) so a bad entry fails before any download."""
@@ -66,12 +71,14 @@ class Archive:
         return cls(url=url, sha256=sha256, folder=str(folder) if folder else None)
 
 
-def download_dataset(root: Path, archive: Archive, present: Path) -> None:
+def download_dataset(root: Path, archive: Archive, present: Path, required: Sequence[str] = ()) -> None:
     """Make ``root`` hold the extracted archive, unless it already does; ``present`` is the path that shows it.
 
     Does nothing when ``root`` carries a marker with this archive's checksum or already holds
     ``present`` (data put there by hand). Refuses to write into a non-empty ``root`` that holds
-    neither, so user files are never mixed with or replaced by a download.
+    neither, so user files are never mixed with or replaced by a download. The extracted archive
+    must hold ``present`` and files in each of the ``required`` folders (relative to ``root``)
+    before it is put in place: a checksum only proves that the archive is the configured one.
     """
     root = Path(root).absolute()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -91,11 +98,12 @@ def download_dataset(root: Path, archive: Archive, present: Path) -> None:
             extracted = staging / "extracted"
             extract(staging / "archive", extracted)
             source = extracted / archive.folder if archive.folder else extracted
-            if not source.is_dir():
+            if not source.is_dir() or not source.resolve().is_relative_to(extracted.resolve()):
                 found = ", ".join(sorted(p.name for p in extracted.iterdir())) or "nothing"
                 raise ADError(
                     f"dataset.archive.folder: '{archive.folder}' is not in the archive (top level: {found}); fix it"
                 )
+            check_content(source, [*_relative(present, root), *required])
             (source / MARKER).write_text(json.dumps({"url": archive.url, "sha256": archive.sha256}) + "\n")
             if root.is_dir():
                 root.rmdir()  # empty, checked above; os.replace cannot replace a directory on every platform
@@ -103,6 +111,32 @@ def download_dataset(root: Path, archive: Archive, present: Path) -> None:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     log.info("downloaded %s into %s", archive.url, root)
+
+
+def _relative(path: Path, root: Path) -> list[str]:
+    """``path`` relative to ``root`` as the one entry of a list, or no entry when it is not under ``root``."""
+    try:
+        return [Path(path).absolute().relative_to(root).as_posix()]
+    except ValueError:
+        return []
+
+
+def check_content(source: Path, required: Sequence[str]) -> None:
+    """ADError unless each ``required`` path exists under ``source``, a folder holding at least one file.
+
+    Catches what a matching checksum cannot: an archive that is complete but is not this dataset,
+    a ``dataset.archive.folder`` one level off, or a list of categories the archive does not have.
+    """
+    missing = [name for name in required if not _has_files(source / name)]
+    if missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})" if len(missing) > 1 else ""
+        raise ADError(f"dataset.archive: the extracted archive has no '{missing[0]}'{more}; it is incomplete or "
+                      f"not this dataset: check dataset.archive.url, .sha256, .folder and dataset.categories")
+
+
+def _has_files(path: Path) -> bool:
+    """Whether ``path`` is a file, or a folder with a file somewhere inside."""
+    return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*")))
 
 
 def _recorded_sha256(root: Path) -> str | None:
@@ -161,8 +195,12 @@ def extract(archive: Path, destination: Path) -> None:
             bundle.extractall(destination)
         return
     try:
-        with tarfile.open(archive) as bundle:
+        with tarfile.open(archive, tarinfo=_EndMarkingTarInfo) as bundle:
             members = bundle.getmembers()
+            if not getattr(bundle, _END_SEEN, False):
+                raise ADError(f"dataset.archive: the tar archive stops after {len(members)} members without tar's "
+                              f"end-of-archive blocks: it was cut short or has junk at the end; download it again "
+                              f"and check dataset.archive.url and .sha256")
             for member in members:
                 _check_tar_member(member)
             if hasattr(tarfile, "data_filter"):
@@ -174,6 +212,26 @@ def extract(archive: Path, destination: Path) -> None:
     except (tarfile.TarError, EOFError) as error:
         message = f"dataset.archive: cannot read the archive as zip or tar ({error}); check dataset.archive.url"
         raise ADError(message) from error
+
+
+_END_SEEN = "ad_end_of_archive_seen"
+
+
+class _EndMarkingTarInfo(tarfile.TarInfo):
+    """A TarInfo that notes on its TarFile when reading stopped at the end-of-archive blocks.
+
+    tarfile ends the member list quietly at those zero blocks, but also at the end of the file, at
+    a partial header and at a damaged one: a plain tar cut exactly at a member boundary read as a
+    shorter, complete archive (and its checksum matches when the cut file is what was published).
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:  # a block of zeros: the end-of-archive marker
+            setattr(tarfile_, _END_SEEN, True)
+            raise
 
 
 def _escapes(name: str) -> bool:

@@ -49,7 +49,9 @@ class MVTecAD(AnomalyDataset):
         self.root = Path(root).expanduser().absolute()
         if download:
             check_category(str(category), categories, "MVTec AD")
-            download_dataset(self.root, Archive.from_config(archive), present=self.root / str(category))
+            required = [f"{name}/{split}" for name in categories or [category] for split in ("train", "test")]
+            download_dataset(self.root, Archive.from_config(archive), present=self.root / str(category),
+                             required=required)
         category_dir = find_category_dir(self.root, str(category), categories)
         train = read_train_samples(category_dir)
         test, has_masks = attach_masks(category_dir, read_test_samples(category_dir))

@@ -49,7 +49,8 @@ class VisA(AnomalyDataset):
         self.split_file = self.root / split_file
         if download:
             check_category(category, categories, "VisA")
-            download_dataset(self.root, Archive.from_config(archive), present=self.split_file)
+            required = [f"{name}/Data" for name in categories or [category]]
+            download_dataset(self.root, Archive.from_config(archive), present=self.split_file, required=required)
         if not self.root.is_dir():
             raise ADError(f"dataset.root: folder '{self.root}' does not exist; {_DOWNLOAD_HINT}")
         if not self.split_file.is_file():
