@@ -3,8 +3,9 @@
 The weights come from one of three places and the run always says which (``weights_source``):
 ``imagenet`` (timm's pretrained weights under an explicitly pinned tag, from the local Hugging Face
 cache or the hub), ``file`` (a local timm/torchvision state-dict checkpoint, for air-gapped
-machines; every weight must fit the architecture) or ``random`` (deliberately, or after a loud warning when ImageNet weights cannot be
-fetched), so nobody mistakes a random-feature result for a real one.
+machines, loaded only if every weight fits the architecture) or ``random`` (deliberately, or after
+a loud warning when ImageNet weights cannot be fetched), so nobody mistakes a random-feature result
+for a real one.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ library would add a dependency without removing any of the code below, which is 
 result atomically and safely rather than about fetching bytes.
 
 The archive is streamed into a temporary folder beside the target while its SHA-256 is computed,
-checked, extracted there and renamed into place with one ``os.replace``: an interrupted download, a
-bad checksum or a rejected member leaves no partial dataset folder. A marker file inside the result
+checked, extracted there, checked for the dataset's folders and renamed into place with one
+``os.replace``: an interrupted download, a bad checksum, a tar cut short, missing categories or a
+rejected member leave no partial dataset folder. A marker file inside the result
 records the verified checksum, so a second call does nothing, and a file lock beside the target makes
 concurrent sweep jobs download once.
 """
