@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Container
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -169,10 +170,18 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return state, f"its '{entry}' entry" if entry else "the whole file"
 
 
-def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """Remove the ``WRAPPER_PREFIXES`` that every key shares (``module.backbone.`` too); returns what was removed."""
+def strip_wrapper_prefix(
+    state: dict[str, torch.Tensor], known: Container[str] = ()
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove the ``WRAPPER_PREFIXES`` that every key shares (``module.backbone.`` too); returns what was removed.
+
+    Nothing is removed once a key is one of the architecture's ``known`` weight names, so a model
+    whose own modules sit under ``model.`` keeps its keys.
+    """
     removed = ""
-    while prefix := next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None):
+    while state and not any(key in known for key in state) and (
+        prefix := next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)
+    ):
         state = {key[len(prefix):]: value for key, value in state.items()}
         removed += prefix
     return state, removed
@@ -184,6 +193,17 @@ def _listed(keys: list[str], limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+@functools.cache
+def reference_weights(name: str) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
+    """The shape of every weight of timm's ``name`` but its classifier head, and the head's key prefixes."""
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False)
+    classifier = reference.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{head}." for head in ((classifier,) if isinstance(classifier, str) else classifier))
+    expected = {key: tuple(t.shape) for key, t in reference.state_dict().items() if not key.startswith(heads)}
+    return expected, heads
+
+
 def check_fits(state: dict[str, torch.Tensor], name: str, path: Path) -> None:
     """ADError unless ``state`` holds every weight of timm's ``name`` at its shape, and nothing else.
 
@@ -192,11 +212,7 @@ def check_fits(state: dict[str, torch.Tensor], name: str, path: Path) -> None:
     batch norm fills them in). timm itself loads a features-only model non-strictly, so a checkpoint
     under another prefix or without some layers loaded partly or not at all, without an error.
     """
-    with torch.device("meta"):
-        reference = timm.create_model(name, pretrained=False)
-    classifier = reference.pretrained_cfg.get("classifier") or ()
-    heads = tuple(f"{head}." for head in ((classifier,) if isinstance(classifier, str) else classifier))
-    expected = {key: tuple(t.shape) for key, t in reference.state_dict().items() if not key.startswith(heads)}
+    expected, heads = reference_weights(name)
     missing = [key for key in expected if key not in state and not key.endswith(".num_batches_tracked")]
     unexpected = [key for key in state if key not in expected and not key.startswith(heads)]
     wrong = [f"{key} {tuple(state[key].shape)} for {expected[key]}" for key in expected
@@ -211,7 +227,7 @@ def check_fits(state: dict[str, torch.Tensor], name: str, path: Path) -> None:
 def load_checkpoint(name: str, out_indices: list[int], path: Path) -> nn.Module:
     """The features-only model with every weight from a local checkpoint, or an ADError saying what does not fit."""
     state, where = read_checkpoint(path)
-    state, prefix = strip_wrapper_prefix(state)
+    state, prefix = strip_wrapper_prefix(state, known=reference_weights(name)[0])
     check_fits(state, name, path)
     stripped = f", prefix '{prefix}' stripped from every key" if prefix else ""
     log.info("backbone.weights: %d tensors of %s from %s of %s%s", len(state), name, where, path, stripped)

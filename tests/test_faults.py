@@ -19,11 +19,11 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from test_download import Server, payload, server, tar_of  # noqa: F401 - fixtures used by name
+from test_download import Server, tar_of
 
 from ad.backbone import FeatureExtractor
 from ad.cache import DiskCache
-from ad.data import MVTecAD, Sample, read_image
+from ad.data import MVTecAD, Sample, make_mvtec_layout, read_image
 from ad.data.base import cached_decoded, decode, load_decoded
 from ad.data.download import Archive, download_dataset
 from ad.errors import ADError
@@ -101,6 +101,15 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_naming_the_keys(resnet18_sta
     with pytest.raises(ADError, match=rf"backbone\.weights: .*bad\.pth.*{named}") as error:
         FeatureExtractor("resnet18", ["layer1", "layer3"], weights=path)
     assert "\n" not in str(error.value)
+
+
+def test_a_prefix_is_kept_where_the_architecture_has_those_keys():
+    from ad.backbone import strip_wrapper_prefix
+
+    state = {"model.conv.weight": torch.zeros(1), "model.fc.weight": torch.zeros(1)}
+    assert strip_wrapper_prefix(state, known={"model.conv.weight"}) == (state, "")
+    assert strip_wrapper_prefix(state)[1] == "model."
+    assert strip_wrapper_prefix({}) == ({}, "")
 
 
 def test_a_file_that_holds_no_state_dict_is_named(tmp_path):
@@ -197,6 +206,23 @@ def test_a_png_with_a_bad_ancillary_chunk_crc_is_an_error_too(tmp_path):
 
 
 # ---------------------------------------------------------------- dataset archives
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    """A local HTTP server over ``tmp_path/served`` (see ``test_download.Server``)."""
+    (tmp_path / "served").mkdir()
+    running = Server(tmp_path / "served")
+    yield running
+    running.httpd.shutdown()
+    running.httpd.server_close()
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Path:
+    """A small dataset tree in the MVTec layout (category ``widget``)."""
+    return make_mvtec_layout(tmp_path / "payload", "widget", n_train=2, n_test_good=1, n_test_defect=1,
+                             image_size=32, seed=0).parent
 
 
 def plain_tar(folder: Path, destination: Path) -> Path:
