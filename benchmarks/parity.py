@@ -1,0 +1,448 @@
+"""Step-by-step parity of ad's trained methods with anomalib 2.x on identical inputs and parameters.
+
+Runs under anomalib's own Python with ``ad`` installed into it (``pip install -e .`` there):
+
+    /tmp/anomalib-venv/bin/python benchmarks/parity.py --model reverse_distillation --backbone resnet18
+    /tmp/anomalib-venv/bin/python benchmarks/parity.py --model stfpm --steps 8 --out stfpm.json
+
+For one method it builds anomalib's Lightning module and ad's model, copies anomalib's initial
+parameters into ad's (the frozen backbone from one random timm checkpoint into both), feeds both the
+same normalised batches of ad's generated data in the same order, and after each optimiser step
+compares the loss and every trained parameter. At the end both score the same test images; maps,
+scores and the metrics computed from each (with ad's metrics, on raw scores) are compared. The
+report names the first step and the first tensor where the two part beyond float tolerance.
+
+Everything that ad does on purpose differently is off here: fp32 throughout (no bf16 autocast), no
+feature cache, and no channels-last layout, so that what is left to differ is the method itself.
+Anomalib's pre-processor is bypassed: both get the same tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from ad.data import Synthetic, collate  # noqa: E402
+from ad.metrics import compute_metrics  # noqa: E402
+
+#: Relative differences (‖a − b‖ / ‖b‖) beyond which the two sides are said to part. Gradients get
+#: more room: at initialisation a batch-norm weight's gradient is a near-cancelling sum, and its
+#: float rounding alone differs by up to ~1e-2 between two correct implementations.
+TOLERANCE = {"loss": 1e-5, "grad": 1e-2, "output": 1e-4}
+
+
+@dataclass
+class Pair:
+    """ad's model, anomalib's Lightning module, and how their trained tensors correspond."""
+
+    ours: torch.nn.Module
+    theirs: torch.nn.Module
+    names: dict[str, str]  # ours' state-dict key -> anomalib's
+    #: ours' key -> function of anomalib's tensor giving ours (where the two store it differently)
+    convert: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    losses: dict[str, str] = field(default_factory=lambda: {"loss": "loss"})  # ours' loss name -> anomalib's
+    #: compare the test outputs (False where ad differs on purpose, e.g. CFlow's normalisation)
+    outputs_comparable: bool = True
+
+
+def random_backbone(name: str, seed: int, folder: Path) -> Path:
+    """A full timm state dict of randomly initialised ``name``, written once so both libraries load it."""
+    torch.manual_seed(seed)
+    path = folder / f"{name}-random-{seed}.pth"
+    torch.save(timm.create_model(name, pretrained=False).state_dict(), path)
+    return path
+
+
+def load_frozen(extractor: torch.nn.Module, path: Path) -> None:
+    """Copy the checkpoint into anomalib's truncated timm extractor (strict over the keys it has)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    wanted = extractor.state_dict().keys()
+    extractor.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+
+
+#: ad's side of the comparison: fp32 and NCHW unless ``--precision bf16`` / ``--channels-last`` ask for
+#: what ad runs with by default on a CPU with native bf16.
+SETTINGS = {"channels_last": False, "precision": "fp32"}
+
+
+def backbone_spec(name: str, weights: Path) -> dict:
+    """ad's backbone settings for the comparison: the shared checkpoint, and ``SETTINGS``."""
+    return {"name": name, "weights": str(weights), "tag": None, **SETTINGS}
+
+
+def our_precision() -> contextlib.AbstractContextManager:
+    """The autocast ad's trainer runs a training step under with ``SETTINGS['precision']``."""
+    bf16 = SETTINGS["precision"] == "bf16"
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+# -- the methods ----------------------------------------------------------------------------------
+
+RD_BOTTLENECK = {"layer1_down.0.0": "conv1", "layer1_down.0.1": "bn1", "layer1_down.1.0": "conv2",
+                 "layer1_down.1.1": "bn2", "layer2_down.0": "conv3", "layer2_down.1": "bn3", "stage": "bn_layer"}
+
+
+def rd_pair(backbone: str, weights: Path, size: int) -> Pair:
+    """Reverse Distillation: anomalib's OCBE names its layers conv1-3/bn1-3/bn_layer (its conv4/bn4 are unused)."""
+    from anomalib.models import ReverseDistillation as Theirs
+
+    from ad.models.reverse_distillation import ReverseDistillation
+
+    theirs = Theirs(backbone=backbone, pre_trained=False, anomaly_map_mode="add")
+    theirs.model.anomaly_map_generator.image_size = (size, size)
+    load_frozen(theirs.model.encoder.feature_extractor, weights)
+    ours = ReverseDistillation(backbone_spec(backbone, weights))
+    names = {}
+    for key in ours.state_dict():
+        if key.startswith("decoder."):
+            names[key] = key
+        elif key.startswith("bottleneck."):
+            rest = key.removeprefix("bottleneck.")
+            prefix = next(p for p in RD_BOTTLENECK if rest.startswith(p + "."))
+            names[key] = f"bottleneck.{RD_BOTTLENECK[prefix]}{rest[len(prefix):]}"
+    return Pair(ours, theirs, names)
+
+
+def stfpm_pair(backbone: str, weights: Path, size: int) -> Pair:
+    """STFPM: the student is a timm features-only model on both sides, with the same keys."""
+    from anomalib.models import Stfpm as Theirs
+
+    from ad.models.stfpm import Stfpm
+
+    create = timm.create_model
+    timm.create_model = lambda *a, **k: create(*a, **{**k, "pretrained": False})  # its teacher asks for a download
+    try:
+        theirs = Theirs(backbone=backbone)
+    finally:
+        timm.create_model = create
+    load_frozen(theirs.model.teacher_model.feature_extractor, weights)
+    ours = Stfpm(backbone_spec(backbone, weights))
+    names = {key: f"student_model.feature_extractor.{key.removeprefix('student.')}"
+             for key in ours.state_dict() if key.startswith("student.")}
+    return Pair(ours, theirs, names)
+
+
+def in_order(ours: torch.nn.Module, theirs: torch.nn.Module, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Pair the two state dicts key by key in registration order (the architectures match, the names not)."""
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    mine = [key for key in ours_state if key not in skip]
+    if len(mine) != len(theirs_state):
+        raise SystemExit(f"{len(mine)} tensors in ad's model against {len(theirs_state)} in anomalib's")
+    for key, other in zip(mine, theirs_state, strict=True):
+        if ours_state[key].shape != theirs_state[other].shape:
+            raise SystemExit(f"{key} {tuple(ours_state[key].shape)} != {other} {tuple(theirs_state[other].shape)}")
+    return dict(zip(mine, theirs_state, strict=True))
+
+
+def ganomaly_pair(backbone: str, weights: Path, size: int) -> Pair:
+    """GANomaly: the same layers in the same order under other names; ad's discriminator re-initialisation off."""
+    from anomalib.models import Ganomaly as Theirs
+
+    from ad.models.ganomaly import Ganomaly
+
+    theirs = Theirs(pre_processor=Theirs.configure_pre_processor((size, size)))
+    ours = Ganomaly(image_size=size, reinit_discriminator_below=None)
+    names = in_order(ours, theirs.model, skip=("mean", "std", "discriminator_resets"))
+    return Pair(ours, theirs, names, losses={"loss": "generator_loss", "discriminator": "discriminator_loss"})
+
+
+def cflow_pair(backbone: str, weights: Path, size: int) -> Pair:
+    """CFlow: ad's coupling blocks hold FrEIA's AllInOneBlock parameters (the permutation as indices).
+
+    The test outputs are not compared: ad normalises each layer's likelihood by its maximum over the
+    training images, anomalib by the maximum over the test batch it is scoring (an intended difference).
+    """
+    from anomalib.models import Cflow as Theirs
+
+    from ad.models.cflow import Cflow
+
+    theirs = Theirs(backbone=backbone, pre_trained=False)
+    load_frozen(theirs.model.encoder.feature_extractor, weights)
+    ours = Cflow(backbone_spec(backbone, weights))
+    names, convert = {}, {}
+    for key in ours.state_dict():
+        if not key.startswith("decoders."):
+            continue
+        _, layer, _, block, rest = key.split(".", 4)
+        prefix = f"decoders.{layer}.module_list.{block}."
+        if rest == "permutation":
+            names[key], convert[key] = prefix + "w_perm", lambda w: w.reshape(w.shape[0], -1).argmax(1)
+        else:
+            names[key] = prefix + rest
+            if rest.startswith("global_"):
+                convert[key] = lambda t: t.flatten()
+    # anomalib's logged loss sums -logsigmoid over every fiber of every layer, ad's averages it per layer:
+    # different reductions of the same terms, so the gradients are what is compared.
+    return Pair(ours, theirs, names, convert, losses={}, outputs_comparable=False)
+
+
+PAIRS = {"reverse_distillation": (rd_pair, "wide_resnet50_2"), "stfpm": (stfpm_pair, "resnet18"),
+         "ganomaly": (ganomaly_pair, None), "cflow": (cflow_pair, "wide_resnet50_2")}
+
+
+# -- the comparison -------------------------------------------------------------------------------
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64 (0 when both are zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    scale = b.norm().item()
+    return (a - b).norm().item() / scale if scale else float((a - b).norm().item() > 0)
+
+
+def theirs_as_ours(pair: Pair, key: str) -> torch.Tensor:
+    """anomalib's tensor for ours' ``key``, converted to how ad stores it."""
+    value = pair.theirs.model.state_dict()[pair.names[key]]
+    return pair.convert[key](value) if key in pair.convert else value
+
+
+def copy_initial(pair: Pair) -> None:
+    """anomalib's current trainable parameters and buffers into ad's model."""
+    ours = pair.ours.state_dict()
+    with torch.no_grad():
+        for key in pair.names:
+            ours[key].copy_(theirs_as_ours(pair, key))
+
+
+def their_optimizers(module) -> list[torch.optim.Optimizer]:
+    """The optimisers anomalib's ``configure_optimizers`` returns (bare, in a list, or in a dict)."""
+    config = module.configure_optimizers()
+    if isinstance(config, dict):
+        config = config["optimizer"]
+    return list(config) if isinstance(config, (list, tuple)) else [config]
+
+
+def parted(pair: Pair) -> list[tuple[str, float]]:
+    """Every mapped floating-point tensor with its relative difference, largest first."""
+    ours = pair.ours.state_dict()
+    diffs = [(key, relative(ours[key], theirs_as_ours(pair, key))) for key in pair.names
+             if ours[key].is_floating_point()]
+    return sorted(diffs, key=lambda item: -item[1])
+
+
+class GradientLog:
+    """Every gradient the optimisers are about to apply, per parameter name and in order (step pre-hooks)."""
+
+    def __init__(self, module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.names = {id(param): name for name, param in module.named_parameters()}
+        self.grads: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for optimizer in optimizers:
+            optimizer.register_step_pre_hook(self.record)
+
+    def record(self, optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self.grads[self.names[id(param)]].append(param.grad.detach().clone())
+
+
+def gradient_differences(pair: Pair, ours: GradientLog, theirs: GradientLog) -> list[tuple[str, float]]:
+    """Each mapped parameter's largest relative gradient difference over the step's updates, largest first."""
+    diffs = []
+    for key, mine in ours.grads.items():
+        other = theirs.grads.get(pair.names.get(key, ""), [])
+        if len(mine) != len(other):
+            diffs.append((key, float("inf")))  # updated a different number of times
+            continue
+        convert = pair.convert.get(key, lambda g: g)
+        diffs.append((key, max(relative(a, convert(b)) for a, b in zip(mine, other, strict=True))))
+    missing = set(pair.names.values()) & set(theirs.grads) - {pair.names[k] for k in ours.grads if k in pair.names}
+    diffs += [(f"(anomalib) {name}", float("inf")) for name in sorted(missing)]  # trained on their side only
+    return sorted(diffs, key=lambda item: -item[1])
+
+
+def their_step(module, optimizers: list[torch.optim.Optimizer], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One anomalib training step as Lightning runs it, without a Trainer attached."""
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    batch = SimpleNamespace(image=images)
+    if module.automatic_optimization:
+        out = module.training_step(batch, 0)
+        (optimizer,) = optimizers
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        return out
+    module.optimizers = lambda *args, **kwargs: optimizers if len(optimizers) > 1 else optimizers[0]
+    module.manual_backward = lambda loss, *args, **kwargs: loss.backward(*args, **kwargs)
+    return module.training_step(batch, 0)
+
+
+def our_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """ad's trainer's update in fp32: zero, backward, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def train_side_by_side(pair: Pair, batches: list[torch.Tensor], resync: bool, seed: int) -> list[dict]:
+    """One training step per batch on both sides; losses, gradients and parameters compared after each.
+
+    With ``resync`` every step starts from anomalib's parameters copied into ad's, so each row shows
+    what one step does from identical states: Adam turns float noise in a near-zero gradient into a
+    full-size step of the other sign, and without resyncing such noise compounds over steps. Both
+    sides draw their random numbers (CFlow's fiber shuffles) from the same seed at each step.
+    """
+    ours_opts = pair.ours.configure_optimizers()
+    theirs_opts = their_optimizers(pair.theirs)
+    pair.ours.train()
+    pair.theirs.model.train()
+    steps = []
+    for index, images in enumerate(batches, start=1):
+        ours_grads, theirs_grads = GradientLog(pair.ours, ours_opts), GradientLog(pair.theirs.model, theirs_opts)
+        torch.manual_seed(seed + index)
+        with our_precision():
+            ours_losses = pair.ours.optimization_step({"image": images}, ours_opts, our_update)
+        torch.manual_seed(seed + index)
+        theirs_losses = their_step(pair.theirs, theirs_opts, images)
+        for optimizer in (*ours_opts, *theirs_opts):
+            optimizer._optimizer_step_pre_hooks.clear()
+        row = {"step": index}
+        for ours_name, their_name in pair.losses.items():
+            mine, other = float(ours_losses[ours_name]), float(theirs_losses[their_name])
+            row[f"{ours_name}_ours"], row[f"{ours_name}_anomalib"] = mine, other
+            row[f"{ours_name}_rel"] = abs(mine - other) / abs(other) if other else float(mine != other)
+        row["loss_rel"] = max((row[f"{name}_rel"] for name in pair.losses), default=0.0)
+        row["grad_tensor"], row["grad_rel"] = gradient_differences(pair, ours_grads, theirs_grads)[0]
+        row["param_tensor"], row["param_rel"] = parted(pair)[0]
+        steps.append(row)
+        shown = ", ".join(f"{name} {row[f'{name}_ours']:.6g} / {row[f'{name}_anomalib']:.6g}" for name in pair.losses)
+        print(f"step {index}: {shown or 'loss not compared'} (rel {row['loss_rel']:.1e}); largest gradient difference "
+              f"{row['grad_rel']:.1e} ({row['grad_tensor']}), parameter {row['param_rel']:.1e} "
+              f"({row['param_tensor']})", flush=True)
+        if resync:
+            copy_initial(pair)
+    return steps
+
+
+@torch.no_grad()
+def score_both(pair: Pair, train: torch.Tensor, test: torch.Tensor, batch: int) -> dict[str, torch.Tensor | None]:
+    """Scores and (where the method has them) maps of the test images from both models in eval mode."""
+    pair.ours.eval()
+    pair.theirs.model.eval()
+    pair.ours.on_train_end([{"image": chunk} for chunk in train.split(batch)], torch.device("cpu"))
+    out = defaultdict(list)
+    for chunk in test.split(batch):
+        ours, theirs = pair.ours(chunk), pair.theirs.model(chunk)
+        out["scores_ours"].append(ours.scores)
+        out["scores_anomalib"].append(theirs.pred_score.reshape(-1))
+        if ours.maps is not None:
+            out["maps_ours"].append(ours.maps)
+            out["maps_anomalib"].append(theirs.anomaly_map.reshape(ours.maps.shape))
+    merged = {key: torch.cat(value) for key, value in out.items()}
+    return {"maps_ours": None, "maps_anomalib": None, **merged}
+
+
+def load_split(dataset, split: str) -> dict:
+    """One batch holding the whole split (normalised images, masks, labels)."""
+    items = getattr(dataset, f"{split}_set")(None)
+    return collate([items[i] for i in range(len(items))])
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(PAIRS), required=True)
+    parser.add_argument("--backbone", default=None, help="default: the method's anomalib default")
+    parser.add_argument("--categories", default="brick", help="comma-separated generated textures")
+    parser.add_argument("--seeds", default="0", help="comma-separated: data, backbone and initial parameters")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--n-train", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6, help="training steps compared one by one")
+    parser.add_argument("--free", action="store_true",
+                        help="let both train on without copying anomalib's parameters into ad's after each step")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="ad's side: bf16 autocast as ad's trainer.precision=auto picks on CPUs with native bf16")
+    parser.add_argument("--channels-last", action="store_true", help="ad in its default NHWC layout")
+    parser.add_argument("--out", help="JSON file for the report")
+    return parser.parse_args()
+
+
+def compare(args: argparse.Namespace, category: str, seed: int) -> dict:
+    """One side-by-side training and scoring on one generated category from one seed."""
+    build, default_backbone = PAIRS[args.model]
+    backbone = args.backbone or default_backbone
+    work = Path(tempfile.mkdtemp(prefix="ad-parity-"))
+    dataset = Synthetic(category=category, image_size=args.image_size, n_train=args.n_train, n_test_good=10,
+                        n_test_defect=10, seed=seed, root=str(work / "data"))
+    train, test = load_split(dataset, "train"), load_split(dataset, "test")
+    order = torch.randperm(len(train["image"]), generator=torch.Generator().manual_seed(seed))
+    batches = [train["image"][order[(i * args.batch_size) % len(order):][:args.batch_size]]
+               for i in range(args.steps)]
+
+    weights = random_backbone(backbone, seed, work) if backbone else None
+    torch.manual_seed(seed)
+    pair = build(backbone, weights, args.image_size)
+    copy_initial(pair)
+    print(f"{args.model} · {backbone} · {category} · seed {seed} · {args.image_size} px · batches of "
+          f"{args.batch_size} · ad in {args.precision}; after copying, largest difference {parted(pair)[0][1]:.1e}",
+          flush=True)
+    steps = train_side_by_side(pair, batches, resync=not args.free, seed=seed)
+    first = next((row for row in steps if row["loss_rel"] > TOLERANCE["loss"] or row["grad_rel"] > TOLERANCE["grad"]),
+                 None)
+
+    scored = score_both(pair, train["image"], test["image"], args.batch_size)
+    masks, labels = test["mask"].bool(), test["label"]
+    maps = scored["maps_ours"] is not None
+    metrics = {side: compute_metrics(scored[f"scores_{side}"], labels, scored[f"maps_{side}"], masks)
+               for side in ("ours", "anomalib")}
+    report = {
+        "model": args.model, "backbone": backbone, "category": category, "seed": seed,
+        "image_size": args.image_size, "precision": args.precision, "steps": steps,
+        "first_parting_step": first["step"] if first else None,
+        "first_parting_tensor": first["grad_tensor"] if first else None, "resynced": not args.free,
+        "scores_rel": relative(scored["scores_ours"], scored["scores_anomalib"]),
+        "maps_rel": relative(scored["maps_ours"], scored["maps_anomalib"]) if maps else 0.0,
+        "metrics": metrics,
+    }
+    print(f"maps rel {report['maps_rel']:.1e}, scores rel {report['scores_rel']:.1e}")
+    for side, values in metrics.items():
+        print(f"{side:>9}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "threshold" not in k))
+    outputs_agree = (max(report["maps_rel"], report["scores_rel"]) <= TOLERANCE["output"] or args.free
+                     or not pair.outputs_comparable)
+    report["agree"] = first is None and outputs_agree
+    print("agree within tolerance" if report["agree"] else
+          f"first parting: step {first['step']}, {report['first_parting_tensor']}" if first else
+          "training agrees, the test outputs part", flush=True)
+    return report
+
+
+def summary(reports: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Mean and standard deviation of every metric over the runs, per side."""
+    out = {}
+    for side in ("ours", "anomalib"):
+        keys = [k for k in reports[0]["metrics"][side] if "threshold" not in k]
+        values = {k: torch.tensor([r["metrics"][side][k] for r in reports], dtype=torch.float64) for k in keys}
+        out[side] = {k: (v.mean().item(), v.std().item() if len(v) > 1 else 0.0) for k, v in values.items()}
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    SETTINGS.update(channels_last=args.channels_last, precision=args.precision)
+    reports = [compare(args, category, int(seed))
+               for category in args.categories.split(",") for seed in args.seeds.split(",")]
+    table = summary(reports)
+    if len(reports) > 1:
+        print(f"over {len(reports)} runs (mean ± std):")
+        for side, values in table.items():
+            print(f"{side:>9}: " + "  ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in values.items()))
+    if args.out:
+        result = {"runs": reports, "summary": table, "tolerance": TOLERANCE, "agree": all(r["agree"] for r in reports),
+                  "anomalib": __import__("anomalib").__version__, "torch": torch.__version__}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
