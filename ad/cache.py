@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from ad.priority import lowest_priority
-
 log = logging.getLogger(__name__)
 
 #: Bump when the layout or meaning of cached values changes.
@@ -92,8 +90,8 @@ class DiskCache:
         self._holding = False
 
     def save_async(self, kind: str, key: str, value) -> None:
-        """Like ``save``, on a background thread at the lowest priority (or held back, see ``holding_writes``);
-        ``load`` returns the value meanwhile."""
+        """Like ``save``, on a background thread (or held back, see ``holding_writes``); ``load`` returns
+        the value meanwhile. The thread runs at the caller's priority: ``flush`` waits for it."""
         self._in_flight[(kind, key)] = value
         if self._holding and self._held_bytes < self.HOLD_LIMIT_BYTES:
             self._held.append((kind, key, value))
@@ -103,8 +101,7 @@ class DiskCache:
 
     def _write_in_background(self, kind: str, key: str, value) -> None:
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ad-cache",
-                                              initializer=lowest_priority)
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ad-cache")
 
         def write() -> None:
             self.save(kind, key, value)
@@ -116,10 +113,9 @@ class DiskCache:
     def holding_writes(self) -> Iterator[None]:
         """Keep ``save_async`` entries in memory during the block (up to ``HOLD_LIMIT_BYTES``), then write them.
 
-        A run holds them while it fits and scores. Written meanwhile, even by a lowest-priority thread,
-        they take turns on the cores the backbone's threads wait for each other on: about 0.2 s of a
-        4 s cold PaDiM fit + test on 2 cores (268 MB of features). After the block they are written
-        while the run ends (metrics, MLflow logging), which leaves a core idle most of the time.
+        A run holds them while it fits and scores. Written meanwhile, they would take turns on the
+        cores the backbone's threads wait for each other on. After the block they are written while
+        the run ends (metrics, MLflow logging), which leaves a core idle most of the time.
         """
         self._holding = True
         try:

@@ -6,7 +6,9 @@ on that idle core means fit and test then read them from the cache instead of de
 between backbone passes. The side process only ever adds cache entries (written atomically, as
 every entry is); it never reports errors, since the run itself meets the same bad file and says
 so. It runs at low priority, so once the backbone needs both cores it steps aside, and the run
-decodes whatever is still missing itself.
+decodes whatever is still missing itself. The run never waits for it: at its end a side process
+still going is told to stop and left to exit on its own, since on a busy machine its low priority
+may keep it from running at all for as long as the load lasts.
 
 This module is imported by the command line before torch is: keep its top level light.
 """
@@ -14,16 +16,20 @@ This module is imported by the command line before torch is: keep its top level 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from ad.priority import lower_this_process
+
 #: The side process's niceness: it gets the core nobody else wants, never the backbone's.
 NICENESS = 10
+#: How long the run gives a stopped side process to exit before leaving it to exit on its own.
+STOP_WAIT_S = 0.5
 
 
 def wanted(cfg: DictConfig) -> bool:
@@ -72,11 +78,18 @@ def prefetch_images(cfg: DictConfig) -> Iterator[subprocess.Popen | None]:
 
 
 def stop(process: subprocess.Popen | None) -> None:
-    """Terminate the side process if it is still running (its temp file is removed on SIGTERM)."""
-    if process is not None and process.poll() is None:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
+    """Ask the side process to stop if it is still running (it removes its temp file on SIGTERM).
+
+    Waits a moment at most: a busy machine may not schedule a low-priority process for as long as
+    the load lasts, and the run needs nothing more from it. A daemon thread reaps it once it exits.
+    """
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        threading.Thread(target=process.wait, name="ad-prefetch-reaper", daemon=True).start()
 
 
 def warm(instructions: str) -> int:
@@ -102,8 +115,7 @@ def warm(instructions: str) -> int:
 def main() -> None:
     """Entry point of the side process: instructions on stdin, nothing on stdout, exit 0 regardless."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped prefetch removes its temp file
-    with contextlib.suppress(OSError):
-        os.nice(NICENESS)
+    lower_this_process(NICENESS)  # its own session's scheduling group too: it leads that session
     with contextlib.suppress(Exception):
         warm(sys.stdin.read())
 

@@ -18,7 +18,6 @@ import numpy as np
 
 from ad import __version__
 from ad.errors import ADError
-from ad.priority import lowest_priority
 
 if TYPE_CHECKING:
     import torch
@@ -501,8 +500,9 @@ class BackgroundTracker(Tracker):
     """Runs another tracker's calls in order on one background thread, so tracking overlaps the work.
 
     Opening MLflow's store (imports, schema check) and logging a model cost several seconds of
-    Python that need not hold up fitting and scoring; the thread runs at the lowest CPU priority,
-    so that work fills idle cycles instead of taking a core from the backbone. Calls return at
+    Python that need not hold up fitting and scoring. The thread runs at the run's own priority:
+    the run waits for it at its end, and a thread at lowered priority would then stall the run
+    for as long as ordinary load keeps the cores busy (see ``ad.priority``). Calls return at
     once; a failed call is re-raised on the next call or by :meth:`wait`, and :meth:`end` waits
     for everything queued.
     MLflow's fluent run stack is per thread, so every call to the wrapped tracker runs on the
@@ -514,9 +514,9 @@ class BackgroundTracker(Tracker):
 
         self.inner = inner
         self.num_images = inner.num_images
-        # Lowest priority: MLflow's seconds of Python (imports, store, model pickling) wait for idle
-        # cycles instead of stalling the backbone's threads (a cold PaDiM fit went 4.9-5.2 -> 2.7-3.0 s).
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracker", initializer=lowest_priority)
+        # Not lowered: at the lowest priority a cold PaDiM fit ran faster, but on a busy machine the
+        # run then waited on this thread without end; the whole command is faster at equal priority.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracker")
         self._pending: list = []
 
     @property

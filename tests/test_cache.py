@@ -175,8 +175,9 @@ def test_background_writes_are_readable_at_once_and_land_after_flush(tmp_path):
     assert torch.equal(DiskCache(tmp_path).load("features", "ab99"), torch.ones(3))
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a Unix call")
-def test_background_writes_run_at_the_lowest_priority_and_leave_the_caller_alone(tmp_path):
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are a Unix call")
+def test_background_writes_run_at_the_callers_priority(tmp_path):
+    # flush() waits for this thread: lowered, it would stall the run on a busy machine.
     cache = DiskCache(tmp_path)
     cache.save_async("features", "cd01", torch.ones(3))  # starts the writer thread
 
@@ -184,7 +185,7 @@ def test_background_writes_run_at_the_lowest_priority_and_leave_the_caller_alone
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     before = own_priority()
-    assert cache._writer.submit(own_priority).result() == 19
+    assert cache._writer.submit(own_priority).result() == before
     assert own_priority() == before
     cache.flush()
 

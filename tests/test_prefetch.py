@@ -74,3 +74,24 @@ def test_an_interrupted_write_leaves_no_temp_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         cache._write(tmp_path / "images-v1" / "ab" / "abc.npy", interrupted)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_the_run_does_not_wait_for_a_side_process_that_is_slow_to_stop():
+    # On a busy machine the low-priority side process may not run for as long as the load lasts.
+    import time
+
+    from ad.prefetch import STOP_WAIT_S, stop
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"
+        start = time.perf_counter()
+        stop(stubborn)
+        assert time.perf_counter() - start < STOP_WAIT_S + 1.0
+        assert stubborn.poll() is None  # still there: left to exit on its own
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+        stubborn.stdout.close()

@@ -1,5 +1,6 @@
 """Tests for ad.tracking against a throwaway SQLite MLflow store per test."""
 
+import json
 import os
 import subprocess
 import sys
@@ -375,9 +376,9 @@ def test_background_mlflow_run_nests_under_the_callers_active_run(tracking_uri, 
     assert run.info.status == "FINISHED" and run.data.metrics["image_AUROC"] == 0.9
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a Unix call")
-def test_background_tracker_runs_at_the_lowest_priority_and_leaves_the_caller_alone():
-    # MLflow's seconds of Python must wait for idle cycles, not take a core from the backbone.
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are a Unix call")
+def test_background_tracker_runs_at_the_callers_priority():
+    # The run waits for this thread: lowered, it would stall the run on a busy machine (tests/test_busy_machine.py).
     import threading
 
     from ad.tracking import BackgroundTracker, NullTracker
@@ -387,7 +388,7 @@ def test_background_tracker_runs_at_the_lowest_priority_and_leaves_the_caller_al
 
     before = own_priority()
     tracker = BackgroundTracker(NullTracker())
-    assert tracker._pool.submit(own_priority).result() == 19
+    assert tracker._pool.submit(own_priority).result() == before
     assert own_priority() == before
     tracker.end()
 
@@ -412,3 +413,26 @@ def test_prepare_checks_the_pinned_requirements_without_scanning_every_distribut
     requirements = pinned_requirements() + [f"mlflow=={mlflow.__version__}"]  # MLflow adds its own pin
     assert {"torch", "timm"} <= set(requirements_utils._MODULES_TO_PACKAGES)
     assert all(requirements_utils._check_requirement_satisfied(r) is None for r in requirements)
+
+
+def test_a_run_reports_its_whole_time_beside_fit_and_test(tracking_uri, tmp_path):
+    # total_s counts from the command's start where ad.launch recorded one (taken once), else from run()'s
+    import time
+
+    from helpers import TINY, compose_config
+
+    import ad.run as run_module
+
+    cfg = compose_config(*TINY, "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4",
+                         f"tracking.uri={tracking_uri}", "tracking.log_model=false", "tracking.num_images=0")
+    run_module.command_started = time.perf_counter() - 100.0  # a command that started 100 s ago
+    results = run_module.run(cfg, tmp_path / "a")
+    assert run_module.command_started is None
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved["total_s"] == results["total_s"] >= 100.0
+    client = MlflowClient(tracking_uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("ad").experiment_id])
+    assert logged.data.metrics["total_s"] == results["total_s"]
+
+    again = run_module.run(cfg, tmp_path / "b")
+    assert again["fit_s"] + again["test_s"] <= again["total_s"] < 100.0
