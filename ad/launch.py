@@ -12,8 +12,10 @@ import difflib
 import gc
 import itertools
 import logging
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -25,6 +27,10 @@ from ad.prefetch import prefetch_images
 from ad.sweep import current_sweep_dir, in_multirun, record_failure, summarize
 
 log = logging.getLogger("ad")
+
+#: (process id, ``time.perf_counter()`` at the process's start) while ``main`` runs the command: the
+#: first job it runs counts its total_s from there, so the start-up is in it.
+_command_started: tuple[int, float] | None = None
 
 
 def find_conf_dir() -> Path:
@@ -203,16 +209,43 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return run_job(cfg)
 
 
+def process_started() -> float:
+    """``time.perf_counter()`` when this process started (from Linux's /proc), else now.
+
+    The interpreter's start-up and the imports before ``main`` then count in total_s.
+    """
+    now = time.perf_counter()
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, IndexError, OSError, ValueError):  # not Linux
+        return now
+    return now - age if age >= 0 else now
+
+
+def claim_command_start() -> float | None:
+    """When the command began, for the first job run in ``main``'s own process; None for the others,
+    which count total_s from their own start (later jobs, jobs in a launcher's worker processes)."""
+    global _command_started
+    started, _command_started = _command_started, None
+    return started[1] if started is not None and started[0] == os.getpid() else None
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """One run (a sweep job, or the whole command): its result for a sweeper, or None if it failed."""
-    from ad.run import RESULT_KEYS, run  # heavy imports (torch, mlflow) only once the config is known to be valid
+    import ad.run  # heavy imports (torch, mlflow) only once the config is known to be valid
+    from ad.run import RESULT_KEYS, run
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     metric = str(cfg.get("optimized_metric", "image_AUROC"))
     try:
         if metric not in RESULT_KEYS:  # a typo would otherwise fail every sweep trial, silently
             raise ADError(f"optimized_metric: '{metric}' is not a result; use one of {', '.join(RESULT_KEYS)}")
-        results = run(cfg, output_dir)
+        ad.run.command_started = claim_command_start()
+        try:
+            results = run(cfg, output_dir)
+        finally:
+            ad.run.command_started = None  # taken by run(); never left for a later one
     except Exception as exc:
         if not in_multirun():
             if not isinstance(exc, ADError):
@@ -245,9 +278,12 @@ def report_sweep() -> int:
 
 def main() -> None:
     """Entry point for ``python -m ad.launch`` and the ``ad`` console script."""
+    global _command_started
+    _command_started = (os.getpid(), process_started())
     try:
         launch()
     finally:
+        _command_started = None
         # Interpreter shutdown would garbage-collect every object torch, timm and MLflow created
         # (about 2 s here); frozen objects are skipped, and atexit handlers still run.
         gc.freeze()
