@@ -1,8 +1,9 @@
 """Command line: ``python -m ad.launch [overrides]`` composes the config with Hydra and runs it.
 
-Exit codes: 0 success, 1 a run failed (bad data, bad settings: one ``error:`` line on stderr),
-2 the overrides themselves are wrong (unknown key or option, caught before anything runs),
-130 interrupted by Ctrl-C (a trained method saves a checkpoint first).
+Exit codes: 0 success, 1 a run failed once started (one ``error:`` line on stderr), 2 the input
+was rejected before anything ran or was tracked (an unknown key or option, a value of the wrong
+type or range, a dataset or checkpoint that does not fit), 130 interrupted by Ctrl-C (a trained
+method saves a checkpoint first).
 A sweep (``-m``) runs every job even when some fail, then lists the failed ones and exits 1.
 """
 
@@ -22,7 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ad.errors import ADError
+from ad.errors import ADError, ConfigError, one_line
 from ad.prefetch import prefetch_images
 from ad.sweep import current_sweep_dir, in_multirun, record_failure, summarize
 
@@ -74,8 +75,30 @@ def explain_override_error(exc: Exception, overrides: list[str]) -> str:
         close = difflib.get_close_matches(option, options, n=1)
         hint = f" (did you mean {group}={close[0]}?)" if close else ""
         return f"{group}={option}: no such option; available: {', '.join(options)}{hint}"
+    if "LexerNoViableAltException" in text:
+        return unparsable_override(text, overrides)
     first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
     return f"bad override: {first}"
+
+
+def unparsable_override(text: str, overrides: list[str]) -> str:
+    """Hydra's lexer stops at a non-ASCII letter or a special character in an unquoted value: say to quote it."""
+    bad = next((o for o in overrides if o in text), text.rsplit(": ", 1)[-1].strip())
+    key, _, value = bad.partition("=")
+    quoted = value.replace("'", "\\'")
+    return (f"{bad}: Hydra cannot read this unquoted value (non-ASCII letters and some punctuation need "
+            f"quotes); quote it inside the shell's quotes: \"{key}='{quoted}'\"")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed config's values before anything starts; exit 2 with one line when one is wrong."""
+    from ad.validate import check_config
+
+    try:
+        check_config(cfg, cfg.hydra.runtime.choices.get("model"))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -85,10 +108,11 @@ def check_overrides(overrides: list[str]) -> None:
 
     with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
-            hydra.compose("config", overrides=overrides, return_hydra_config=True)
+            cfg = hydra.compose("config", overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
             print(f"error: {explain_override_error(exc, overrides)}", file=sys.stderr)
             sys.exit(2)
+    validate(cfg)
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -147,6 +171,7 @@ def check_sweep(overrides: list[str]) -> None:
                 messages.setdefault(problem, message)
                 failed.setdefault(problem, []).append(" ".join(o for o in combo if o not in overrides))
                 continue
+            validate(cfg)
             ranges = [o for o in overrides if "interval(" in o]
             if ranges and cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
                 print(f"error: {ranges[0]}: interval() is a search space for the Optuna sweeper; "
@@ -193,14 +218,6 @@ def expand_all_categories(args: list[str]) -> list[str]:
                       "name the categories instead: dataset.category=a,b,c")
     sweep = "dataset.category=" + ",".join(quote(str(c)) for c in categories)
     return [sweep if arg == ALL_CATEGORIES else arg for arg in args]
-
-
-def one_line(exc: ADError) -> str:
-    """The user-facing line of an error, also when a DataLoader worker wrapped it in its traceback."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    if len(lines) > 1 and "Original Traceback" in str(exc):
-        return lines[-1].split("ADError: ", 1)[-1]
-    return " ".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -252,7 +269,7 @@ def run_job(cfg: DictConfig) -> float | None:
                 raise
             log.debug("run failed", exc_info=True)
             print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-            sys.exit(1)
+            sys.exit(2 if isinstance(exc, ConfigError) else 1)  # 2: rejected before the run started
         # In a sweep, a raising job would stop the launcher: record the failure and let the others run.
         if isinstance(exc, ADError):
             message = one_line(exc)

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +31,14 @@ from ad.allocator import keep_freed_memory
 from ad.backbone import FeatureExtractor, resolve_precision
 from ad.cache import DiskCache
 from ad.data import collate, denormalize
-from ad.errors import ADError
+from ad.errors import ADError, ConfigError
 from ad.metrics import compute_metrics
 from ad.models import AnomalyModel
 from ad.models.base import TrainableModel
 from ad.sweep import sweep_tags
 from ad.tracking import BackgroundTracker
 from ad.trainer import Trainer, checkpoint_run_id, find_checkpoint
+from ad.validate import check_config, check_dataset
 from ad.visualize import overlay_panel, pick_examples
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,24 @@ def choice_names(cfg: DictConfig) -> dict[str, str]:
     return {group: cfg[group]._target_.rsplit(".", 1)[-1].lower() for group in ("model", "dataset")}
 
 
+@contextlib.contextmanager
+def before_the_run() -> Iterator[None]:
+    """Turn the ADErrors of checks made before the tracker opens a run into ConfigErrors (exit 2: nothing ran)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ADError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def make_model(cfg: DictConfig, device: torch.device, precision: str) -> AnomalyModel:
+    """The method of ``cfg.model`` on ``device``, its backbone settings from ``cfg.backbone`` and ``cfg.trainer``."""
+    backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
+                "channels_last": bool(cfg.trainer.channels_last)}
+    return build(cfg.model, "model", backbone=backbone, _convert_="all").to(device)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit and evaluate one model on one dataset; return the results also written to metrics.json."""
     global command_started
@@ -208,21 +228,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     choices = choice_names(cfg)
     model_name, dataset_name = choices["model"], choices["dataset"]
     category = str(cfg.dataset.get("category", dataset_name))
-    tracker = BackgroundTracker(build(cfg.tracking, "tracking"))  # tracking overlaps the work
-    tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
-            "ad.category": category, **sweep_tags()}
-    resume_from = find_checkpoint(cfg.trainer.get("resume"), run_dir, model_name, search_siblings=not is_multirun())
-    tracker.start(cfg, run_dir, run_name=f"{model_name}-{dataset_name}-{category}", tags=tags,
-                  resume_run_id=checkpoint_run_id(resume_from) if resume_from else None)
-    try:
+    with before_the_run():  # bad input stops here: no tracking run is opened
+        check_config(cfg, model_name)
         device = resolve_device(cfg.trainer.device)
         dtype = resolve_precision(cfg.trainer.precision, device)
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         dataset = build(cfg.dataset, "dataset")
+        check_dataset(dataset)
+        tracker = BackgroundTracker(build(cfg.tracking, "tracking"))  # tracking overlaps the work
+        resume_from = find_checkpoint(cfg.trainer.get("resume"), run_dir, model_name,
+                                      search_siblings=not is_multirun())
+    tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
+            "ad.category": category, **sweep_tags()}
+    tracker.start(cfg, run_dir, run_name=f"{model_name}-{dataset_name}-{category}", tags=tags,
+                  resume_run_id=checkpoint_run_id(resume_from) if resume_from else None)
+    try:
         cache = open_cache(cfg.trainer)
-        backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
-                    "channels_last": bool(cfg.trainer.channels_last)}
-        model: AnomalyModel = build(cfg.model, "model", backbone=backbone, _convert_="all").to(device)
+        model = make_model(cfg, device, precision)
         for extractor in (m for m in model.modules() if isinstance(m, FeatureExtractor)):
             extractor.cache = cache
         log.info("%s on %s/%s: %d train, %d test images, %s, %s", model_name, dataset_name, category,

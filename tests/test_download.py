@@ -270,7 +270,7 @@ def test_unknown_category_fails_before_downloading(server: Server, payload: Path
     tar_of(payload, server.folder / "data.tar.gz")
     archive = server.archive("data.tar.gz")
     config = {"url": archive.url, "sha256": archive.sha256}
-    message = r"dataset\.category: 'botle' is not a category of MVTec AD; valid: bottle, cable"
+    message = r"dataset\.category: 'botle' is not a category of MVTec AD; did you mean 'bottle'\? valid: bottle, cable"
     with pytest.raises(ADError, match=message):
         MVTecAD(root=str(tmp_path / "m"), category="botle", categories=["bottle", "cable"], download=True,
                 archive=config)

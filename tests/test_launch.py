@@ -98,17 +98,17 @@ def test_unknown_option_lists_the_available_ones(tmp_path):
     assert result.returncode == 2 and "padim" in result.stderr and result.stderr.strip().count("\n") == 0
 
 
-def test_missing_root_fails_cleanly_and_marks_the_run_failed(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_missing_root_is_rejected_before_any_tracking_run(tmp_path, tracking_uri):
     result = launch(tmp_path, "dataset=mvtec", f"dataset.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run",
-                    f"tracking.uri={uri}", "backbone.weights=random")
-    assert result.returncode == 1
+                    f"tracking.uri={tracking_uri}", "backbone.weights=random")
+    assert result.returncode == 2  # the dataset is listed before the tracker opens a run
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "dataset.root" in error_lines[0]
+    assert result.stderr.strip().splitlines()[-1] == error_lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
-    _, mlflow_run = only_run(uri)
-    assert mlflow_run.info.status == "FAILED" and "dataset.root" in mlflow_run.data.tags["error"]
+    client = MlflowClient(tracking_uri)
+    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
 @pytest.mark.parametrize(("overrides", "key"), [

@@ -20,7 +20,7 @@ import xxhash
 
 from ad.cache import DiskCache, digest
 from ad.data.io import read_image, read_image_and_mask
-from ad.errors import ADError
+from ad.errors import ADError, did_you_mean
 
 if TYPE_CHECKING:
     from ad.data.tensors import ImageDataset
@@ -52,7 +52,8 @@ def check_category(category: str, categories: Sequence[str] | None, dataset: str
     """ADError listing ``categories`` (``dataset.categories`` in config) when ``category`` is not one of them."""
     if categories is not None and category not in [str(name) for name in categories]:
         valid = ", ".join(str(name) for name in categories)
-        raise ADError(f"dataset.category: '{category}' is not a category of {dataset}; valid: {valid}")
+        raise ADError(f"dataset.category: '{category}' is not a category of {dataset}; "
+                      f"{did_you_mean(category, categories)}valid: {valid}")
 
 
 def sample_key(sample: Sample, image_size: int) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ad.data.base import AnomalyDataset, Sample, check_category, check_image_size
 from ad.data.download import Archive, download_dataset
 from ad.data.io import IMAGE_EXTENSIONS, index_masks, list_images
-from ad.errors import ADError
+from ad.errors import ADError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def find_category_dir(root: Path, category: str, categories: Sequence[str] | Non
     if categories is not None and category not in [str(name) for name in categories]:
         found = f"; folders in '{root}': {', '.join(available)}" if available else ""
         raise ADError(
-            f"dataset.category: '{category}' is not a category of MVTec AD (valid: "
+            f"dataset.category: '{category}' is not a category of MVTec AD; "
+            f"{did_you_mean(category, categories)}(valid: "
             f"{', '.join(str(name) for name in categories)}) nor a folder in '{root}'{found}"
         )
     if not available:
@@ -82,7 +83,8 @@ def find_category_dir(root: Path, category: str, categories: Sequence[str] | Non
             f"dataset.category: '{category}' not found, and '{root}' holds no category folders "
             f"(<category>/train/good/); point dataset.root at the folder that contains them"
         )
-    raise ADError(f"dataset.category: '{category}' not found in '{root}'; available: {', '.join(available)}")
+    raise ADError(f"dataset.category: '{category}' not found in '{root}'; {did_you_mean(category, available)}"
+                  f"available: {', '.join(available)}")
 
 
 def read_train_samples(category_dir: Path) -> list[Sample]:

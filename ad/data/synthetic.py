@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from ad.cache import default_cache_dir
 from ad.data.base import check_image_size
 from ad.data.mvtec import GOOD, MVTecAD
-from ad.errors import ADError
+from ad.errors import ADError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ Defect = Callable[[np.ndarray, np.random.Generator, str], tuple[np.ndarray, np.n
 def check_category(category: str) -> str:
     """Return ``category`` if it is a known texture, else raise ADError listing the known ones."""
     if category not in TEXTURES:
-        raise ADError(f"dataset.category: unknown synthetic texture '{category}'; available: {', '.join(TEXTURES)}")
+        raise ADError(f"dataset.category: unknown synthetic texture '{category}'; "
+                      f"{did_you_mean(category, TEXTURES)}available: {', '.join(TEXTURES)}")
     return category
 
 
@@ -272,7 +273,8 @@ class Synthetic(MVTecAD):
     ) -> None:
         if categories is not None and category not in categories:  # the config's list, used by category=all
             valid = ", ".join(categories)
-            raise ADError(f"dataset.category: '{category}' is not a category of synthetic; valid: {valid}")
+            raise ADError(f"dataset.category: '{category}' is not a category of synthetic; "
+                          f"{did_you_mean(category, categories)}valid: {valid}")
         settings = {
             "category": check_category(category),
             "image_size": check_image_size(image_size),
