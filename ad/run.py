@@ -31,7 +31,7 @@ from ad.allocator import keep_freed_memory
 from ad.backbone import FeatureExtractor, resolve_precision
 from ad.cache import DiskCache
 from ad.data import collate, denormalize
-from ad.errors import ADError, ConfigError
+from ad.errors import ADError, ConfigError, one_line
 from ad.metrics import compute_metrics
 from ad.models import AnomalyModel
 from ad.models.base import TrainableModel
@@ -217,6 +217,12 @@ def make_model(cfg: DictConfig, device: torch.device, precision: str) -> Anomaly
     return build(cfg.model, "model", backbone=backbone, _convert_="all").to(device)
 
 
+def failure(exc: BaseException) -> str:
+    """One line for a failed run's ``error`` tag (a DataLoader worker's traceback reduced to its error)."""
+    text = one_line(exc)[:2000]
+    return text if isinstance(exc, ADError) else f"{type(exc).__name__}: {text}"
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit and evaluate one model on one dataset; return the results also written to metrics.json."""
     global command_started
@@ -298,7 +304,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.end("KILLED", error="interrupted (Ctrl-C)")
         raise
     except BaseException as exc:
-        tracker.end("FAILED", error=f"{type(exc).__name__}: {exc}")
+        tracker.end("FAILED", error=failure(exc))
         raise
     tracker.end("FINISHED")
     print(format_table(results), flush=True)

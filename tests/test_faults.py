@@ -280,3 +280,39 @@ def test_an_archive_folder_outside_the_archive_is_rejected(folder: str, tmp_path
     with pytest.raises(ADError, match=r"dataset\.archive\.folder"):
         Archive(url="http://x/a.tar", sha256="0" * 64, folder=folder)
     assert outside.is_dir()
+
+# ---------------------------------------------------------------- rejected resumes, error tags
+
+TRAIN = ["dataset.image_size=64", "backbone.weights=random", "model=stfpm", "model.layers=[layer1,layer2]",
+         "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4", "trainer.batch_size=4",
+         "tracking.num_images=0", "tracking.log_model=false"]
+
+
+def the_run(uri: str):
+    """The one MLflow run of a store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_an_error_in_a_loader_worker_is_one_line_in_the_error_tag(tmp_path, tracking_uri):
+    from helpers import compose_config
+
+    from ad.run import run
+
+    root = tmp_path / "data"
+    make_mvtec_layout(root, "widget", n_train=6, n_test_good=3, n_test_defect=3, image_size=32, seed=0)
+    victim = sorted((root / "widget" / "train" / "good").iterdir())[0]
+    victim.write_bytes(b"not an image")
+    cfg = compose_config("dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "dataset.image_size=32",
+                         "backbone.weights=random", "trainer.num_workers=1", "trainer.feature_cache=false",
+                         f"tracking.uri={tracking_uri}")
+    with pytest.raises(ADError):
+        run(cfg, tmp_path / "run")
+    mlflow_run = the_run(tracking_uri)
+    error = mlflow_run.data.tags["error"]
+    assert mlflow_run.info.status == "FAILED"
+    assert "\n" not in error and "Traceback" not in error and error.startswith(f"{victim}: cannot read image")

@@ -16,7 +16,8 @@ from helpers import TINY, compose_config
 from mlflow import MlflowClient
 
 from ad.data import make_mvtec_layout
-from ad.errors import ConfigError
+from ad.data.io import list_images
+from ad.errors import ADError, ConfigError
 from ad.run import run
 from ad.validate import check_config
 
@@ -118,3 +119,22 @@ def test_a_test_split_without_defects_is_rejected_before_the_run(widget, tmp_pat
     with pytest.raises(ConfigError, match=r"no defective images.*dataset\.abnormal_dir="):
         run(cfg, tmp_path / "run")
     assert not runs_in(tracking_uri) and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_dangling_symlink_among_the_images_is_named(widget, tmp_path):
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for image in (widget / "train" / "good").iterdir():
+        (folder / image.name).symlink_to(image)
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ADError, match=r"gone\.png: broken symbolic link .*nowhere\.png"):
+        list_images(folder)
+
+
+def test_an_unreadable_folder_is_named(tmp_path, monkeypatch):
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)  # running as root, chmod would not stop the listing
+    with pytest.raises(ADError, match=rf"{tmp_path}: cannot list the folder \(Permission denied\); make it readable"):
+        list_images(tmp_path)

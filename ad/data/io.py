@@ -6,6 +6,7 @@ dataset stops a run with one readable line instead of a Pillow traceback.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,10 +44,23 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Sorted image files directly inside ``folder`` (an absent folder has none)."""
+    """Sorted image files directly inside ``folder`` (an absent folder has none).
+
+    A folder that cannot be listed, and an image name whose symbolic link points nowhere, are
+    ADErrors naming them: skipping either would quietly train or test on fewer images.
+    """
     if not folder.is_dir():
         return []
-    return sorted(path for path in folder.iterdir() if is_image_file(path))
+    try:
+        entries = list(folder.iterdir())
+    except OSError as error:
+        raise ADError(f"{folder}: cannot list the folder ({error.strerror}); make it readable, "
+                      f"or point the dataset elsewhere") from None
+    for path in entries:
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_symlink() and not path.exists():
+            raise ADError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist); "
+                          f"restore the target or remove the link")
+    return sorted(path for path in entries if is_image_file(path))
 
 
 def index_masks(folder: Path) -> dict[str, Path]:
