@@ -37,7 +37,13 @@ from ad.models import AnomalyModel
 from ad.models.base import TrainableModel
 from ad.sweep import sweep_tags
 from ad.tracking import BackgroundTracker
-from ad.trainer import Trainer, checkpoint_run_id, find_checkpoint
+from ad.trainer import (
+    Trainer,
+    check_checkpoint,
+    checkpoint_run_id,
+    find_checkpoint,
+    load_checkpoint,
+)
 from ad.validate import check_config, check_dataset
 from ad.visualize import overlay_panel, pick_examples
 
@@ -217,6 +223,16 @@ def make_model(cfg: DictConfig, device: torch.device, precision: str) -> Anomaly
     return build(cfg.model, "model", backbone=backbone, _convert_="all").to(device)
 
 
+def resumable_model(cfg: DictConfig, resume_from: Path, model_name: str, device: torch.device,
+                    precision: str) -> AnomalyModel:
+    """The model built early and checked against the checkpoint it resumes, before that checkpoint's run reopens."""
+    model = make_model(cfg, device, precision)
+    if not isinstance(model, TrainableModel):
+        raise ADError(f"trainer.resume: {model_name} is fitted in one pass, not trained in epochs; drop it")
+    check_checkpoint(resume_from, model, load_checkpoint(resume_from))
+    return model
+
+
 def failure(exc: BaseException) -> str:
     """One line for a failed run's ``error`` tag (a DataLoader worker's traceback reduced to its error)."""
     text = one_line(exc)[:2000]
@@ -234,7 +250,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     choices = choice_names(cfg)
     model_name, dataset_name = choices["model"], choices["dataset"]
     category = str(cfg.dataset.get("category", dataset_name))
-    with before_the_run():  # bad input stops here: no tracking run is opened
+    model = None
+    with before_the_run():  # bad input stops here: no tracking run is opened, none is reopened
         check_config(cfg, model_name)
         device = resolve_device(cfg.trainer.device)
         dtype = resolve_precision(cfg.trainer.precision, device)
@@ -244,13 +261,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker = BackgroundTracker(build(cfg.tracking, "tracking"))  # tracking overlaps the work
         resume_from = find_checkpoint(cfg.trainer.get("resume"), run_dir, model_name,
                                       search_siblings=not is_multirun())
+        if resume_from is not None:
+            model = resumable_model(cfg, resume_from, model_name, device, precision)
     tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
             "ad.category": category, **sweep_tags()}
     tracker.start(cfg, run_dir, run_name=f"{model_name}-{dataset_name}-{category}", tags=tags,
                   resume_run_id=checkpoint_run_id(resume_from) if resume_from else None)
     try:
         cache = open_cache(cfg.trainer)
-        model = make_model(cfg, device, precision)
+        if model is None:
+            model = make_model(cfg, device, precision)
         for extractor in (m for m in model.modules() if isinstance(m, FeatureExtractor)):
             extractor.cache = cache
         log.info("%s on %s/%s: %d train, %d test images, %s, %s", model_name, dataset_name, category,
@@ -266,8 +286,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 trainer = make_trainer(cfg, run_dir, device, dtype, tracker, resume_from)
                 trainer.fit(model, dataset.train_set(cache), lambda: evaluate(model, test_loader, device, keep_maps))
                 trained = {"epochs": trainer.epochs}
-            elif resume_from is not None:
-                raise ADError(f"trainer.resume: {model_name} is fitted in one pass, not trained in epochs; drop it")
             else:
                 model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
             fit_s = time.perf_counter() - start

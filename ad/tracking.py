@@ -221,6 +221,7 @@ class MLflowTracker(Tracker):
         self.num_images = int(num_images)
         self.run_id: str | None = None
         self.parent_run_id: str | None = None  # set when the caller's active run lives on another thread
+        self.resumed = False  # whether start() reopened a run that a resumed training began
         self._uri: str | None = None  # resolved at start()
 
     # -- run lifecycle -------------------------------------------------------------------------
@@ -247,6 +248,7 @@ class MLflowTracker(Tracker):
         active = mlflow.active_run()  # e.g. a sweep's parent run
         parent = self.parent_run_id or (active.info.run_id if active is not None else None)
         resume = resume_run_id if resume_run_id and self._resumable(resume_run_id) else None
+        self.resumed = resume is not None
         if resume is not None:
             run_tags["ad.resumed"] = "true"
             run = mlflow.start_run(run_id=resume, tags=run_tags, nested=parent is not None)
@@ -283,6 +285,8 @@ class MLflowTracker(Tracker):
             client = self._client()
             if error:
                 client.set_tag(run_id, "error", truncate(str(error), ERROR_TAG_LENGTH))
+            elif status == "FINISHED" and self.resumed and "error" in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, "error")  # why an earlier attempt stopped no longer describes the run
             active = mlflow.active_run()
             if active is not None and active.info.run_id == run_id:
                 if mlflow.get_tracking_uri() != self._uri:

@@ -114,6 +114,48 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not (prefixes and k.startswith(prefixes))}
 
 
+def backbone_settings(model: torch.nn.Module) -> dict[str, dict]:
+    """Each frozen backbone's settings, saved beside its identity hash so that a rejected resume can name them."""
+    return {prefix: {"name": module.name, "weights": module.weights_source, "tag": module.tag or "null",
+                     "layers": ",".join(module.layers), "precision": module.precision,
+                     "channels_last": bool(module.channels_last)}
+            for prefix, module in frozen_prefixes(model).items()}
+
+
+def describe_backbone(settings: dict) -> str:
+    """A frozen backbone's saved settings in words: ``resnet18 (weights random, tag tv_in1k, layers ..., fp32)``."""
+    layout = ", channels_last" if settings["channels_last"] else ""
+    return (f"{settings['name']} (weights {settings['weights']}, tag {settings['tag']}, layers {settings['layers']}, "
+            f"{settings['precision']}{layout})")
+
+
+def check_checkpoint(path: Path, model: torch.nn.Module, state: dict) -> None:
+    """ADError unless checkpoint ``state`` was written by this model class with these frozen backbones and keys.
+
+    Run before the tracker reopens the checkpoint's MLflow run, so a rejected resume leaves that run as it was;
+    the message names the checkpoint's own settings, which are what the command must repeat.
+    """
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("model_class") != name:
+        raise ADError(f"trainer.resume: {path} is a checkpoint of {state.get('model_class')}, not of {name}; "
+                      f"resume with model= of that run, or drop trainer.resume")
+    saved, current = state.get("backbones", {}), backbone_settings(model)
+    for prefix, module in frozen_prefixes(model).items():
+        if state["frozen"].get(prefix) != module.identity():
+            was = describe_backbone(saved[prefix]) if prefix in saved else "another frozen backbone"
+            raise ADError(f"trainer.resume: {path} was trained with backbone {was}, this run has "
+                          f"{describe_backbone(current[prefix])}; resume with the checkpoint's backbone settings "
+                          f"(backbone.name, backbone.weights, backbone.tag, model.layers, trainer.precision), "
+                          f"or drop trainer.resume")
+    own = trainable_state(model)
+    missing = [key for key in own if key not in state["model"]]
+    unexpected = [key for key in state["model"] if key not in own]
+    misshapen = [key for key in own if key in state["model"] and state["model"][key].shape != own[key].shape]
+    if missing or unexpected or misshapen:
+        raise ADError(f"trainer.resume: {path} does not fit this model (missing {missing[:3]}, unexpected "
+                      f"{unexpected[:3]}, other shapes {misshapen[:3]}); resume with the run's model settings")
+
+
 def save_atomic(payload: dict, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -420,6 +462,7 @@ class Trainer:
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "model": trainable_state(model),
             "frozen": {prefix: module.identity() for prefix, module in frozen_prefixes(model).items()},
+            "backbones": backbone_settings(model),
             "optimizers": [optimizer.state_dict() for optimizer in optimizers],
             "scaler": scaler.state_dict(),
             "rng": rng_states(),
@@ -437,12 +480,7 @@ class Trainer:
         path = self.resume_from
         state = load_checkpoint(path)
         name = f"{type(model).__module__}.{type(model).__qualname__}"
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("model_class") != name:
-            raise ADError(f"trainer.resume: {path} is a checkpoint of {state.get('model_class')}, not of {name}")
-        for prefix, module in frozen_prefixes(model).items():
-            if state["frozen"].get(prefix) != module.identity():
-                raise ADError(f"trainer.resume: {path} was trained with another frozen backbone "
-                              f"({module.name}, weights {module.weights_source}); use the run's backbone settings")
+        check_checkpoint(path, model, state)
         for key, value in (("batch_size", self.batch_size), ("seed", self.seed)):
             if state[key] != value:
                 log.warning("Resuming with trainer.%s=%s where the checkpoint used %s: the run will not repeat "

@@ -298,6 +298,35 @@ def the_run(uri: str):
     return runs[0]
 
 
+def test_a_rejected_resume_leaves_the_earlier_run_untouched_and_a_finished_one_drops_its_error(
+        tmp_path, tracking_uri):
+    from helpers import compose_config
+    from mlflow import MlflowClient
+
+    from ad.errors import ConfigError
+    from ad.run import run
+
+    run(compose_config(*TRAIN, "trainer.max_epochs=1", f"tracking.uri={tracking_uri}"), tmp_path / "run")
+    before = the_run(tracking_uri)
+    assert before.info.status == "FINISHED"
+    other = [o.replace("[layer1,layer2]", "[layer1,layer2,layer3]") for o in TRAIN]
+    expected = (r"was trained with backbone resnet18 \(weights random, tag tv_in1k, layers layer1,layer2, "
+                r".*this run has resnet18 .*layers layer1,layer2,layer3")
+    with pytest.raises(ConfigError, match=expected):
+        run(compose_config(*other, "trainer.max_epochs=2", "trainer.resume=true", f"tracking.uri={tracking_uri}"),
+            tmp_path / "run")
+    after = MlflowClient(tracking_uri).get_run(before.info.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.tags == before.data.tags and the_run(tracking_uri).info.run_id == before.info.run_id
+
+    MlflowClient(tracking_uri).set_tag(before.info.run_id, "error", "an earlier attempt failed")
+    run(compose_config(*TRAIN, "trainer.max_epochs=2", "trainer.resume=true", f"tracking.uri={tracking_uri}"),
+        tmp_path / "run")
+    resumed = the_run(tracking_uri)
+    assert resumed.info.run_id == before.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["ad.resumed"] == "true" and "error" not in resumed.data.tags  # it finished after all
+
+
 def test_an_error_in_a_loader_worker_is_one_line_in_the_error_tag(tmp_path, tracking_uri):
     from helpers import compose_config
 
