@@ -206,14 +206,20 @@ def choice_names(cfg: DictConfig) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def before_the_run() -> Iterator[None]:
-    """Turn the ADErrors of checks made before the tracker opens a run into ConfigErrors (exit 2: nothing ran)."""
+def before_the_run(cfg: DictConfig, run_dir: Path, run_name: str, tags: dict) -> Iterator[None]:
+    """Turn the ADErrors of checks made before the tracker opens a run into ConfigErrors (exit 2: nothing ran).
+
+    A single run then leaves no tracking run; a sweep job is recorded as FAILED (``track_rejection``).
+    """
     try:
         yield
-    except ConfigError:
-        raise
     except ADError as exc:
-        raise ConfigError(str(exc)) from exc
+        error = exc if isinstance(exc, ConfigError) else ConfigError(str(exc))
+        if is_multirun():
+            track_rejection(cfg, run_dir, run_name, tags, error)
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def make_model(cfg: DictConfig, device: torch.device, precision: str) -> AnomalyModel:
@@ -233,6 +239,19 @@ def resumable_model(cfg: DictConfig, resume_from: Path, model_name: str, device:
     return model
 
 
+def track_rejection(cfg: DictConfig, run_dir: Path, run_name: str, tags: dict, error: ConfigError) -> None:
+    """In a sweep, record a job rejected before it started as a new FAILED run, so the sweep's runs list every job.
+
+    The benchmark table (``ad.report``) reads them; an earlier run a rejected resume names stays untouched.
+    """
+    try:
+        tracker = BackgroundTracker(build(cfg.tracking, "tracking"))
+        tracker.start(cfg, run_dir, run_name=run_name, tags=tags)
+        tracker.end("FAILED", error=one_line(error))
+    except Exception as exc:  # noqa: BLE001 - the job's own error is what the sweep reports
+        log.warning("Could not record the rejected job in the tracking store: %s", exc)
+
+
 def failure(exc: BaseException) -> str:
     """One line for a failed run's ``error`` tag (a DataLoader worker's traceback reduced to its error)."""
     text = one_line(exc)[:2000]
@@ -250,8 +269,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     choices = choice_names(cfg)
     model_name, dataset_name = choices["model"], choices["dataset"]
     category = str(cfg.dataset.get("category", dataset_name))
+    run_name = f"{model_name}-{dataset_name}-{category}"
+    tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
+            "ad.category": category, **sweep_tags()}
     model = None
-    with before_the_run():  # bad input stops here: no tracking run is opened, none is reopened
+    with before_the_run(cfg, run_dir, run_name, tags):  # bad input stops here: no run is opened or reopened
         check_config(cfg, model_name)
         device = resolve_device(cfg.trainer.device)
         dtype = resolve_precision(cfg.trainer.precision, device)
@@ -263,9 +285,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                       search_siblings=not is_multirun())
         if resume_from is not None:
             model = resumable_model(cfg, resume_from, model_name, device, precision)
-    tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
-            "ad.category": category, **sweep_tags()}
-    tracker.start(cfg, run_dir, run_name=f"{model_name}-{dataset_name}-{category}", tags=tags,
+    tracker.start(cfg, run_dir, run_name=run_name, tags=tags,
                   resume_run_id=checkpoint_run_id(resume_from) if resume_from else None)
     try:
         cache = open_cache(cfg.trainer)
