@@ -2,8 +2,8 @@
 
 Exit codes: 0 success, 1 a run failed once started (one ``error:`` line on stderr), 2 the input
 was rejected before anything ran or was tracked (an unknown key or option, a value of the wrong
-type or range, a dataset or checkpoint that does not fit), 130 interrupted by Ctrl-C (a trained
-method saves a checkpoint first).
+type or range, a dataset or checkpoint that does not fit), 130 interrupted by Ctrl-C, 143 stopped
+by SIGTERM (128 + the signal's number; a trained method saves a checkpoint first).
 A sweep (``-m``) runs every job even when some fail, then lists the failed ones and exits 1.
 """
 
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ad.errors import ADError, ConfigError, one_line
 from ad.prefetch import prefetch_images
+from ad.signals import Stopped, stop_signals
 from ad.sweep import current_sweep_dir, in_multirun, record_failure, summarize
 
 log = logging.getLogger("ad")
@@ -260,7 +261,8 @@ def run_job(cfg: DictConfig) -> float | None:
             raise ADError(f"optimized_metric: '{metric}' is not a result; use one of {', '.join(RESULT_KEYS)}")
         ad.run.command_started = claim_command_start()
         try:
-            results = run(cfg, output_dir)
+            with stop_signals():  # SIGTERM and SLURM preemption end the run as Ctrl-C does
+                results = run(cfg, output_dir)
         finally:
             ad.run.command_started = None  # taken by run(); never left for a later one
     except Exception as exc:
@@ -324,6 +326,9 @@ def launch() -> None:
         _hydra_main()
     except SystemExit as exc:  # e.g. Hydra reporting a launcher that gave up
         code = exc.code
+    except Stopped as exc:  # SIGTERM or preemption: saved like Ctrl-C; 128 + the signal's number
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # the run has already saved what it could and said where
         print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(130)

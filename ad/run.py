@@ -43,6 +43,7 @@ from ad.trainer import (
     checkpoint_run_id,
     find_checkpoint,
     load_checkpoint,
+    requeued_checkpoint,
 )
 from ad.validate import check_config, check_dataset
 from ad.visualize import overlay_panel, pick_examples
@@ -281,8 +282,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         dataset = build(cfg.dataset, "dataset")
         check_dataset(dataset)
         tracker = BackgroundTracker(build(cfg.tracking, "tracking"))  # tracking overlaps the work
-        resume_from = find_checkpoint(cfg.trainer.get("resume"), run_dir, model_name,
-                                      search_siblings=not is_multirun())
+        resume = cfg.trainer.get("resume")
+        if resume in (None, False) and (own := requeued_checkpoint(run_dir)) is not None:
+            log.info("Requeued SLURM job: continuing from %s", own)
+            resume = str(own)
+        resume_from = find_checkpoint(resume, run_dir, model_name, search_siblings=not is_multirun())
         if resume_from is not None:
             model = resumable_model(cfg, resume_from, model_name, device, precision)
     tracker.start(cfg, run_dir, run_name=run_name, tags=tags,
@@ -338,8 +342,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         write_json(run_dir / "metrics.json", results)
         tracker.log_metrics({"total_s": results["total_s"]})
         tracker.log_artifact(run_dir / "metrics.json")
-    except KeyboardInterrupt:
-        tracker.end("KILLED", error="interrupted (Ctrl-C)")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal (ad.signals.Stopped)
+        tracker.end("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
         raise
     except BaseException as exc:
         tracker.end("FAILED", error=failure(exc))

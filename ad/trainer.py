@@ -34,6 +34,7 @@ from ad.backbone import FeatureExtractor
 from ad.data import collate
 from ad.errors import ADError
 from ad.models.base import TrainableModel
+from ad.signals import interruption, restore, stop_signal_numbers
 from ad.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -229,30 +230,58 @@ def find_checkpoint(resume: bool | str | None, run_dir: Path, model_name: str, s
     return path
 
 
-# -- Ctrl-C ---------------------------------------------------------------------------------------
+def requeued_checkpoint(run_dir: Path) -> Path | None:
+    """A requeued SLURM job's own ``checkpoints/last.pt`` (``SLURM_RESTART_COUNT`` > 0), else None.
+
+    A job preempted or out of time saves it on submitit's signal (``ad.signals``) and is requeued
+    into the same run folder; continuing from it keeps the epochs done, without ``trainer.resume``.
+    """
+    own = Path(run_dir) / "checkpoints" / "last.pt"
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return own if restarts.isdigit() and int(restarts) > 0 and own.is_file() else None
+
+
+# -- Ctrl-C and stop signals ----------------------------------------------------------------------
+
+class Interrupt:
+    """Which interrupting signal arrived (None until one does); calling it says whether one did."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def exception(self) -> KeyboardInterrupt:
+        """What stops the run: KeyboardInterrupt for Ctrl-C, ``Stopped`` for SIGTERM and preemption."""
+        return interruption(self.signum)
+
 
 @contextlib.contextmanager
-def deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag checked between steps (so the checkpoint is consistent).
+def deferred_interrupt() -> Iterator[Interrupt]:
+    """Turn the first Ctrl-C or stop signal (SIGTERM, preemption) into a flag checked between steps.
 
-    A second Ctrl-C interrupts at once. Off the main thread signals cannot be caught: no-op there.
+    The step finishes, so the checkpoint is consistent. A second one interrupts at once. Off the
+    main thread signals cannot be caught: no-op there.
     """
-    pressed = threading.Event()
+    interrupt = Interrupt()
     if threading.current_thread() is not threading.main_thread():
-        yield pressed.is_set
+        yield interrupt
         return
 
     def handler(signum, frame):
-        if pressed.is_set():
-            raise KeyboardInterrupt
-        pressed.set()
-        log.warning("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+        if interrupt():
+            raise interruption(signum)
+        interrupt.signum = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("Interrupted: finishing this step and saving a checkpoint (%s again to stop now)", again)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    signums = (signal.SIGINT, *stop_signal_numbers())
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
-        yield pressed.is_set
+        yield interrupt
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore(previous)
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -353,7 +382,7 @@ class Trainer:
                 losses = {name: value / steps for name, value in sums.items()}
                 self.end_of_epoch(model, optimizers, scaler, position, losses, seconds, evaluate)
                 if interrupted():  # during the epoch's last step or its end: last.pt may be epochs old
-                    self.stop(self.save(model, optimizers, scaler, position), position, steps)
+                    self.stop(self.save(model, optimizers, scaler, position), position, steps, interrupted)
 
     # -- one epoch -------------------------------------------------------------------------------
 
@@ -383,14 +412,14 @@ class Trainer:
         finally:
             bar.close()
         if interrupted() and position.step < steps:
-            self.stop(self.save(model, optimizers, scaler, position), position, steps)
+            self.stop(self.save(model, optimizers, scaler, position), position, steps, interrupted)
 
-    def stop(self, path: Path, position: Position, steps: int) -> None:
+    def stop(self, path: Path, position: Position, steps: int, interrupted: Interrupt) -> None:
         """End an interrupted run after its checkpoint is written, saying how to continue it."""
         where = (f"epoch {position.epoch + 1}, step {position.step}/{steps}" if position.step
                  else f"the end of epoch {position.epoch}")
         log.warning("Stopped at %s of %d; saved %s. Resume with trainer.resume=%s", where, self.epochs, path, path)
-        raise KeyboardInterrupt
+        raise interrupted.exception()
 
     def update_function(self, optimizers, scaler, position: Position, steps: int):
         """The ``step(loss, optimizer)`` given to the model: finite check, backward, optimiser step."""

@@ -281,7 +281,8 @@ def test_an_archive_folder_outside_the_archive_is_rejected(folder: str, tmp_path
         Archive(url="http://x/a.tar", sha256="0" * 64, folder=folder)
     assert outside.is_dir()
 
-# ---------------------------------------------------------------- rejected resumes, error tags
+
+# ---------------------------------------------------------------- stop signals, rejected resumes, error tags
 
 TRAIN = ["dataset.image_size=64", "backbone.weights=random", "model=stfpm", "model.layers=[layer1,layer2]",
          "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4", "trainer.batch_size=4",
@@ -296,6 +297,93 @@ def the_run(uri: str):
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert len(runs) == 1
     return runs[0]
+
+
+def start_command(tmp_path: Path, name: str, *overrides: str):
+    """``python -m ad.launch`` in the background, its output in files (a pipe nobody reads could fill)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out, err = (open(tmp_path / f"{name}.{stream}", "w") for stream in ("out", "err"))  # noqa: SIM115
+    with out, err:
+        return subprocess.Popen([sys.executable, "-m", "ad.launch", *overrides], cwd=tmp_path, env=env,
+                                stdout=out, stderr=err)
+
+
+def wait_for(path: Path, process, timeout_s: float = 240.0) -> None:
+    """Wait until ``path`` exists (the run got that far) or fail if the command ended first."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert process.poll() is None, f"the command ended first (exit {process.returncode})"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigterm_mid_training_checkpoints_ends_the_run_killed_and_a_resume_finishes_it(tmp_path, tracking_uri):
+    import signal
+
+    run_dir = tmp_path / "run"
+    common = [*TRAIN, f"tracking.uri={tracking_uri}", f"hydra.run.dir={run_dir}"]
+    process = start_command(tmp_path, "first", *common, "trainer.max_epochs=1000")
+    wait_for(run_dir / "checkpoints" / "last.pt", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert (tmp_path / "first.err").read_text().strip().splitlines()[-1] == "error: stopped by SIGTERM"
+    killed = the_run(tracking_uri)
+    assert killed.info.status == "KILLED" and killed.data.tags["error"] == "stopped by SIGTERM"
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["run_id"] == killed.info.run_id and 1 <= state["epoch"] < 1000
+    assert not (run_dir / "metrics.json").exists()
+
+    epochs = state["epoch"] + 1  # one more epoch, then the resumed run finishes
+    resumed = start_command(tmp_path, "second", *common, "trainer.resume=true", f"trainer.max_epochs={epochs}")
+    assert resumed.wait(timeout=240) == 0, (tmp_path / "second.err").read_text()[-2000:]
+    finished = the_run(tracking_uri)
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    assert finished.data.tags["ad.resumed"] == "true" and "error" not in finished.data.tags
+
+
+def test_sigterm_outside_training_ends_the_run_killed(tmp_path, tracking_uri, monkeypatch):
+    import signal
+
+    from helpers import compose_config
+
+    from ad.models.padim import Padim
+    from ad.run import run
+    from ad.signals import Stopped, stop_signals
+
+    def terminated(self, loader, device):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Padim, "fit", terminated)
+    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
+                         "dataset.n_test_good=4", "dataset.n_test_defect=4", f"tracking.uri={tracking_uri}")
+    with pytest.raises(Stopped) as stopped, stop_signals():
+        run(cfg, tmp_path / "run")
+    assert stopped.value.exit_code == 143
+    mlflow_run = the_run(tracking_uri)
+    assert mlflow_run.info.status == "KILLED" and mlflow_run.data.tags["error"] == "stopped by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+
+
+def test_the_preemption_signal_stops_the_run_then_runs_the_handler_installed_before_it():
+    import signal
+
+    from ad.signals import Stopped, stop_signals
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # submitit's requeue
+    try:
+        with pytest.raises(Stopped, match="stopped by SIGUSR2"), stop_signals():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        assert calls == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_a_rejected_resume_leaves_the_earlier_run_untouched_and_a_finished_one_drops_its_error(
@@ -345,3 +433,16 @@ def test_an_error_in_a_loader_worker_is_one_line_in_the_error_tag(tmp_path, trac
     error = mlflow_run.data.tags["error"]
     assert mlflow_run.info.status == "FAILED"
     assert "\n" not in error and "Traceback" not in error and error.startswith(f"{victim}: cannot read image")
+
+
+def test_a_requeued_slurm_job_continues_from_its_own_checkpoint(tmp_path, monkeypatch):
+    from ad.trainer import requeued_checkpoint
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert requeued_checkpoint(tmp_path) is None  # a first attempt starts afresh
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeued_checkpoint(tmp_path) == last
+    assert requeued_checkpoint(tmp_path / "elsewhere") is None
