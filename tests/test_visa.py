@@ -91,7 +91,8 @@ def test_missing_root(tmp_path: Path) -> None:
 def test_unknown_category_lists_the_valid_ones(visa_root: Path) -> None:
     categories = compose_config("dataset=visa").dataset.categories
     assert len(categories) == 12
-    with pytest.raises(ADError, match=r"'candel' is not a category of VisA; did you mean 'candle'\? valid: candle, cap"):
+    expected = r"'candel' is not a category of VisA; did you mean 'candle'\? valid: candle, capsules, cashew"
+    with pytest.raises(ADError, match=expected):
         VisA(root=str(visa_root), category="candel", categories=categories)
     with pytest.raises(ADError, match=r"'cashew' has no rows in .*1cls\.csv; categories there: candle, pcb1"):
         VisA(root=str(visa_root), category="cashew", categories=categories)
