@@ -2,8 +2,9 @@
 
 Exit codes: 0 success, 1 a run failed once started (one ``error:`` line on stderr), 2 the input
 was rejected before anything ran or was tracked (an unknown key or option, a value of the wrong
-type or range, a dataset or checkpoint that does not fit), 130 interrupted by Ctrl-C, 143 stopped
-by SIGTERM (128 + the signal's number; a trained method saves a checkpoint first).
+type or range, a dataset or checkpoint that does not fit, a tracking store that cannot be used),
+130 interrupted by Ctrl-C, 143 stopped by SIGTERM (128 + the signal's number; a trained method saves
+a checkpoint first).
 A sweep (``-m``) runs every job even when some fail, then lists the failed ones and exits 1.
 """
 
@@ -93,10 +94,12 @@ def unparsable_override(text: str, overrides: list[str]) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Check a composed config's values before anything starts; exit 2 with one line when one is wrong."""
+    from ad.tracking import check_tracking
     from ad.validate import check_config
 
     try:
         check_config(cfg, cfg.hydra.runtime.choices.get("model"))
+        check_tracking(cfg.get("tracking"))  # in a second or so, before the imports and the work
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -36,7 +36,7 @@ from ad.metrics import compute_metrics
 from ad.models import AnomalyModel
 from ad.models.base import TrainableModel
 from ad.sweep import sweep_tags
-from ad.tracking import BackgroundTracker
+from ad.tracking import BackgroundTracker, StoreError, check_tracking
 from ad.trainer import (
     Trainer,
     check_checkpoint,
@@ -216,7 +216,7 @@ def before_the_run(cfg: DictConfig, run_dir: Path, run_name: str, tags: dict) ->
         yield
     except ADError as exc:
         error = exc if isinstance(exc, ConfigError) else ConfigError(str(exc))
-        if is_multirun():
+        if is_multirun() and not isinstance(exc, StoreError):  # a store that cannot be used records nothing
             track_rejection(cfg, run_dir, run_name, tags, error)
         if error is exc:
             raise
@@ -276,6 +276,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model = None
     with before_the_run(cfg, run_dir, run_name, tags):  # bad input stops here: no run is opened or reopened
         check_config(cfg, model_name)
+        check_tracking(cfg.get("tracking"))  # an unusable store is found now, not after fit and test
         device = resolve_device(cfg.trainer.device)
         dtype = resolve_precision(cfg.trainer.precision, device)
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

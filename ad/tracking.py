@@ -17,13 +17,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ad import __version__
-from ad.errors import ADError
+from ad.errors import ADError, ConfigError
 
 if TYPE_CHECKING:
     import torch
     from omegaconf import DictConfig
 
-__all__ = ["BackgroundTracker", "MLflowTracker", "NullTracker", "Tracker", "flatten_config", "resolve_tracking_uri"]
+__all__ = [
+    "BackgroundTracker",
+    "MLflowTracker",
+    "NullTracker",
+    "StoreError",
+    "Tracker",
+    "check_store",
+    "check_tracking",
+    "flatten_config",
+    "resolve_tracking_uri",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,17 @@ LOCK_TIMEOUT_S = 600.0
 # Packages pinned in a logged model's requirements when installed (torch and cloudpickle come
 # from MLflow); an explicit list skips MLflow's slow requirement inference.
 MODEL_REQUIREMENTS = ("numpy", "timm", "faiss-cpu", "faiss-gpu")
+#: How long the start-up probe of a tracking server waits for it to answer.
+PROBE_TIMEOUT_S = 5.0
+#: Less free space than this on the SQLite store's disk counts as full.
+MIN_FREE_BYTES = 1 << 20
+SQLITE_HEADER = b"SQLite format 3\x00"
+#: Default ports of the database servers MLflow stores runs in (probed with a TCP connect).
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+class StoreError(ConfigError):
+    """The tracking store cannot be used, found before any work: exit 2, and no job can be recorded in it."""
 
 
 class Tracker:
@@ -171,6 +192,120 @@ def sqlite_path(uri: str) -> Path | None:
     if not raw or raw == ":memory:":
         return None
     return Path(raw).expanduser().resolve()
+
+
+def check_tracking(node: DictConfig | None) -> None:
+    """Probe the store of a ``tracking`` config node (MLflow only) before any work, see ``check_store``."""
+    if node is not None and str(node.get("_target_", "")).endswith(".MLflowTracker"):
+        check_store(node.get("uri"))
+
+
+def check_store(uri: str | None) -> None:
+    """Raise StoreError naming the URI and what to do when the tracking store cannot be used.
+
+    Found at start-up in a second or so, not after fit and test as MLflow's retries would find it:
+    a server must answer within ``PROBE_TIMEOUT_S``; a SQLite file must be a database (or absent),
+    readable and writable, in a writable folder with space left. Other stores are not probed.
+    """
+    import os
+    from urllib.parse import urlsplit
+
+    key = "tracking.uri" if uri is not None or not os.environ.get("MLFLOW_TRACKING_URI") else "MLFLOW_TRACKING_URI"
+    resolved = resolve_tracking_uri(uri)
+    db = sqlite_path(resolved)
+    parts = urlsplit(resolved)
+    scheme = parts.scheme.split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
+    if db is not None:
+        problem = sqlite_problem(db, key)
+    elif scheme in ("http", "https"):
+        problem = server_problem(resolved, key)
+    elif scheme in DATABASE_PORTS and parts.hostname:
+        problem = connect_problem(parts.hostname, parts.port or DATABASE_PORTS[scheme], key)
+    else:
+        problem = None
+    if problem:
+        raise StoreError(f"{key}={resolved!r}: {problem}")
+
+
+def _reason(exc: BaseException) -> str:
+    """The short cause of a failed probe (``Connection refused``, ``timed out``...)."""
+    import urllib.error
+
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else Exception(str(exc.reason))
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def server_problem(uri: str, key: str) -> str | None:
+    """What stops an MLflow server at ``uri`` from being used: no answer to GET /health in time, or a gateway error."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    where = urlsplit(uri).netloc
+    todo = f"start the MLflow server (mlflow server), point {key} at one that runs, or set tracking=none"
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError as exc:  # it answers; a proxy in front of a stopped server says 502-504
+        if exc.code in (502, 503, 504):
+            return f"the server at {where} answers {exc.code} {exc.reason}; {todo}"
+        return None
+    except (OSError, ValueError) as exc:  # URLError, a timeout, a reset connection
+        return f"no server answers at {where} ({_reason(exc)}); {todo}"
+
+
+def connect_problem(host: str, port: int, key: str) -> str | None:
+    """Whether a database server accepts a TCP connection within ``PROBE_TIMEOUT_S``."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"no database server answers at {host}:{port} ({_reason(exc)}); start it or point {key} at one that runs"
+    return None
+
+
+def sqlite_problem(db: Path, key: str) -> str | None:
+    """What stops MLflow from using the SQLite file ``db``: not a database, read-only, an unwritable or full folder.
+
+    The file is opened for writing (not written) and a temporary file is made in its folder, so a
+    read-only file system is found even where permissions are not enforced (root).
+    """
+    import os
+    import tempfile
+
+    other = f"point {key} at another file (sqlite:///path/to/mlflow.db)"
+    folder = db.parent
+    while not folder.exists() and folder != folder.parent:  # MLflow creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder, so {db} cannot be created; {other}"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"the folder {folder} is not writable ({_reason(exc)}); make it writable or {other}"
+    try:
+        stat = os.statvfs(folder)
+        if stat.f_bavail * stat.f_frsize < MIN_FREE_BYTES:
+            return f"no space left on {folder}; free some space or {other}"
+    except OSError:  # no statvfs here: MLflow will tell
+        pass
+    if not db.exists():
+        return None
+    if db.is_dir():
+        return f"{db} is a folder, not an SQLite database; {other}"
+    try:
+        with open(db, "r+b") as file:
+            header = file.read(len(SQLITE_HEADER))
+        if not os.access(db, os.R_OK | os.W_OK):
+            raise PermissionError("permission denied")
+    except OSError as exc:
+        return f"{db} is not readable and writable ({_reason(exc)}); make it so (chmod u+rw) or {other}"
+    if header and header != SQLITE_HEADER:
+        return f"{db} is not an SQLite database; move it away or {other}"
+    return None
 
 
 def quiet_mlflow_logs() -> None:

@@ -446,3 +446,62 @@ def test_a_requeued_slurm_job_continues_from_its_own_checkpoint(tmp_path, monkey
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert requeued_checkpoint(tmp_path) == last
     assert requeued_checkpoint(tmp_path / "elsewhere") is None
+
+
+# ---------------------------------------------------------------- unusable tracking store, full or read-only disks
+
+
+def launch(tmp_path: Path, *overrides: str):
+    """``python -m ad.launch`` to the end: (exit code, stderr lines, seconds taken); killed after 60 s."""
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "ad.launch", *overrides], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return done.returncode, done.stderr.strip().splitlines(), time.monotonic() - started
+
+
+def not_sqlite(tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "mlflow.db").write_text("a text file, not a database\n")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}", "is not an SQLite database"
+
+
+def read_only_sqlite(tmp_path: Path) -> tuple[str, str]:
+    if os.geteuid() == 0:
+        pytest.skip("root writes to a read-only file regardless (the folder case covers root)")
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"SQLite format 3\x00" + bytes(100))
+    db.chmod(0o444)
+    return f"sqlite:///{db}", "is not readable and writable"
+
+
+def folder_is_a_file(tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "store").write_text("")
+    return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", "is not a folder"
+
+
+@pytest.mark.parametrize("store", [lambda tmp_path: ("http://127.0.0.1:9", "no server answers at 127.0.0.1:9"),
+                                   not_sqlite, read_only_sqlite, folder_is_a_file],
+                         ids=["unreachable-server", "not-sqlite", "read-only-sqlite", "folder-is-a-file"])
+def test_an_unusable_tracking_store_stops_the_command_at_start_up_in_one_line(tmp_path, store):
+    uri, says = store(tmp_path)
+    code, lines, seconds = launch(tmp_path, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}",
+                                  "dataset.n_train=4", "dataset.n_test_good=2", "dataset.n_test_defect=2")
+    assert code == 2, lines[-20:]
+    assert lines[-1].startswith(f"error: tracking.uri='{uri}': ") and says in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    assert seconds < 20 and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_run_rejects_an_unusable_store_before_any_work(tmp_path):
+    from helpers import compose_config
+
+    from ad.run import run
+    from ad.tracking import StoreError
+
+    uri, _ = not_sqlite(tmp_path)
+    with pytest.raises(StoreError, match="is not an SQLite database"):
+        run(compose_config("dataset.n_train=4", f"tracking.uri={uri}"), tmp_path / "run")
+    assert (tmp_path / "mlflow.db").read_text() == "a text file, not a database\n"  # untouched
