@@ -6,7 +6,9 @@ and reading those needs numpy only (torch is imported on first tensor use).
 Entries are content-addressed (the key hashes everything that determines the value), written to a
 temporary file and renamed into place, so concurrent writers and interrupted runs can never leave a
 half-written entry: a reader sees the whole file or none. Reads refresh an entry's modification
-time; ``evict`` deletes the least recently used entries beyond the size bound.
+time; ``evict`` deletes the least recently used entries beyond the size bound. A folder that cannot be
+written (full, read-only, not a folder) turns writing off for the rest of the run, with one warning:
+the cache only saves time, so it never fails a run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,10 +91,37 @@ class DiskCache:
         self._held: list[tuple[str, str, object]] = []  # saved while holding, not handed to the writer yet
         self._held_bytes = 0
         self._holding = False
+        self.writes_off = False  # set, with one warning, when the folder cannot be written
+
+    def check_writable(self) -> bool:
+        """Whether entries can be written under ``root`` (creating it); if not, writing is turned off now.
+
+        The run calls it before its DataLoader workers start, so they inherit the answer and the
+        warning is given once.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            self._turn_writes_off(exc)
+        return not self.writes_off
+
+    def _turn_writes_off(self, exc: OSError) -> None:
+        """Stop writing for the rest of the run (entries already stored are still read); warn once."""
+        if not self.writes_off:
+            self.writes_off = True
+            log.warning(
+                "feature cache: cannot write to %s (%s); the run goes on without storing to it",
+                self.root,
+                exc.strerror or exc,
+            )
 
     def save_async(self, kind: str, key: str, value) -> None:
         """Like ``save``, on a background thread (or held back, see ``holding_writes``); ``load`` returns
         the value meanwhile. The thread runs at the caller's priority: ``flush`` waits for it."""
+        if self.writes_off:
+            return
         self._in_flight[(kind, key)] = value
         if self._holding and self._held_bytes < self.HOLD_LIMIT_BYTES:
             self._held.append((kind, key, value))
@@ -164,11 +194,12 @@ class DiskCache:
         """``read(path)``, or None when the entry is absent or unreadable (then it is removed)."""
         try:
             value = read(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, PermissionError):  # absent, or a folder it cannot read
             return None
         except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, never an error
             log.warning("dropping unreadable cache entry %s (%s)", path, exc)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder keeps it; it stays a miss
+                path.unlink(missing_ok=True)
             return None
         try:
             os.utime(path)  # mark as recently used for eviction
@@ -180,26 +211,32 @@ class DiskCache:
         """Write atomically: temp file in the same folder, then rename over the final name."""
         self._write(self._path(kind, key), lambda tmp: _torch_save(value, tmp))
 
-    @staticmethod
-    def _write(path: Path, write) -> None:
-        """Run ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _write(self, path: Path, write) -> None:
+        """Run ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path``.
+
+        A full or read-only disk (any OSError) turns writing off for the rest of the run, not fails it.
+        """
+        if self.writes_off:
+            return
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer, threads included
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as file:
                 write(file)
             os.replace(tmp, path)
-        except OSError as exc:  # a full or read-only disk degrades to no caching, not a failed run
-            tmp.unlink(missing_ok=True)
-            log.warning("feature cache write failed at %s: %s", path, exc)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._turn_writes_off(exc)
         except BaseException:  # interrupted (Ctrl-C, a stopped prefetcher): leave no temp file behind
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
 
     def evict(self) -> int:
         """Delete least recently used entries until the cache fits its bound; returns bytes freed."""
         self.flush()
-        if not self.root.is_dir():
+        if self.writes_off or not self.root.is_dir():  # nothing was added; a read-only folder cannot shrink
             return 0
         now, entries, freed = time.time(), [], 0
         for path in self.root.glob("*-v*/*/*"):
@@ -209,14 +246,18 @@ class DiskCache:
                 continue
             if path.suffix == ".tmp":
                 if now - stat.st_mtime > STALE_TMP_S:
-                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
                 continue
             entries.append((stat.st_mtime, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
                 break
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # e.g. made read-only meanwhile: eviction is best effort
+                continue
             total -= size
             freed += size
         if freed:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
+from pathlib import Path
+
+#: What a write fails with on a full disk, or a full quota.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ADError(Exception):
@@ -33,3 +39,34 @@ def did_you_mean(value: object, options: Iterable[object]) -> str:
     """``did you mean 'x'? `` for the closest of ``options`` to a mistyped ``value``, else an empty string."""
     close = difflib.get_close_matches(str(value), [str(option) for option in options], n=1)
     return f"did you mean '{close[0]}'? " if close else ""
+
+
+def write_error(exc: OSError, path: Path) -> ADError:
+    """One line for a failed write of ``path``: ``no space left on <folder>`` for a full disk, else the OS's reason."""
+    path = Path(path)
+    if exc.errno in NO_SPACE:
+        return ADError(f"no space left on {path.parent} (writing {path.name}); free some space there, "
+                       "or run in a folder on another disk (hydra.run.dir=...)")
+    return ADError(f"cannot write {path} ({exc.strerror or exc}); make {path.parent} writable, "
+                   "or run in another folder (hydra.run.dir=...)")
+
+
+def out_of_space(exc: BaseException) -> str | None:
+    """Where a full disk stopped a write, from anywhere in an exception's chain; None when no disk was full.
+
+    A run turns it into one line instead of the traceback of whichever library was writing (torch,
+    MLflow's SQLite store, an artifact copy).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE:
+            if not isinstance(current.filename, (str, bytes)) or not current.filename:
+                return "the disk it wrote to"
+            path = Path(os.fsdecode(current.filename))
+            return str(path if path.is_dir() else path.parent)
+        if "database or disk is full" in str(current):  # SQLite's SQLITE_FULL
+            return "the tracking store's disk"
+        current = current.__cause__ or current.__context__
+    return None

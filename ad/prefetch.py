@@ -105,6 +105,8 @@ def warm(instructions: str) -> int:
     cache = DiskCache(settings.cache_dir, max_gb=settings.cache_max_gb)
     decoded = 0
     for sample in [*dataset.train, *dataset.test]:  # the order the run reads them in
+        if cache.writes_off:  # a full or read-only cache folder: decoding more would store nothing
+            break
         try:
             decoded += warm_sample(sample, dataset.image_size, cache)
         except ADError:  # a bad file: the run will name it

@@ -31,7 +31,7 @@ from ad.allocator import keep_freed_memory
 from ad.backbone import FeatureExtractor, resolve_precision
 from ad.cache import DiskCache
 from ad.data import collate, denormalize
-from ad.errors import ADError, ConfigError, one_line
+from ad.errors import ADError, ConfigError, one_line, out_of_space
 from ad.metrics import compute_metrics
 from ad.models import AnomalyModel
 from ad.models.base import TrainableModel
@@ -97,13 +97,15 @@ def make_loader(dataset: torch.utils.data.Dataset, trainer: DictConfig, device: 
 
 
 def open_cache(trainer: DictConfig) -> DiskCache | None:
-    """The on-disk cache of decoded images and backbone features, unless turned off."""
+    """The on-disk cache of decoded images and backbone features, unless turned off (read only where unwritable)."""
     if not trainer.get("feature_cache", False):
         return None
     max_gb = float(trainer.cache_max_gb)
     if max_gb <= 0:
         raise ADError(f"trainer.cache_max_gb: {max_gb} must be positive; trainer.feature_cache=false turns it off")
-    return DiskCache(trainer.get("cache_dir"), max_gb=max_gb)
+    cache = DiskCache(trainer.get("cache_dir"), max_gb=max_gb)
+    cache.check_writable()  # a full or read-only folder: one warning, and the run goes on without storing
+    return cache
 
 
 def progress(loader: DataLoader, desc: str) -> tqdm:
@@ -347,6 +349,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.end("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
         raise
     except BaseException as exc:
+        if not isinstance(exc, ADError) and (where := out_of_space(exc)) is not None:
+            full = ADError(f"no space left on {where}; free some space there, or write elsewhere")
+            tracker.end("FAILED", error=failure(full))
+            raise full from exc
         tracker.end("FAILED", error=failure(exc))
         raise
     tracker.end("FINISHED")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ad.backbone import FeatureExtractor
 from ad.data import collate
-from ad.errors import ADError
+from ad.errors import ADError, write_error
 from ad.models.base import TrainableModel
 from ad.signals import interruption, restore, stop_signal_numbers
 from ad.tracking import Tracker
@@ -158,14 +158,22 @@ def check_checkpoint(path: Path, model: torch.nn.Module, state: dict) -> None:
 
 
 def save_atomic(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint.
+
+    Saved through an open file, so a full disk is an OSError (torch's own writer says only "file write
+    failed"), raised as one line: ``no space left on <folder>``.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(payload, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as file:
+            torch.save(payload, file)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(exc, path) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def link_atomic(source: Path, target: Path) -> None:
@@ -173,15 +181,18 @@ def link_atomic(source: Path, target: Path) -> None:
     import shutil
 
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
+        tmp.unlink(missing_ok=True)
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
+    except OSError as exc:  # a full disk (the copy) or a read-only folder: one line
+        raise write_error(exc, target) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -452,15 +452,15 @@ def test_a_requeued_slurm_job_continues_from_its_own_checkpoint(tmp_path, monkey
 
 
 def launch(tmp_path: Path, *overrides: str):
-    """``python -m ad.launch`` to the end: (exit code, stderr lines, seconds taken); killed after 60 s."""
+    """``python -m ad.launch`` to the end: (exit code, lines printed, seconds taken); killed after 60 s."""
     import subprocess
     import sys
     import time
 
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "ad.launch", *overrides], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return done.returncode, done.stderr.strip().splitlines(), time.monotonic() - started
+    done = subprocess.run([sys.executable, "-m", "ad.launch", *overrides], cwd=tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return done.returncode, done.stdout.strip().splitlines(), time.monotonic() - started
 
 
 def not_sqlite(tmp_path: Path) -> tuple[str, str]:
@@ -505,3 +505,77 @@ def test_run_rejects_an_unusable_store_before_any_work(tmp_path):
     with pytest.raises(StoreError, match="is not an SQLite database"):
         run(compose_config("dataset.n_train=4", f"tracking.uri={uri}"), tmp_path / "run")
     assert (tmp_path / "mlflow.db").read_text() == "a text file, not a database\n"  # untouched
+
+
+def test_a_cache_folder_that_cannot_be_written_is_turned_off_with_one_warning_and_the_run_goes_on(tmp_path):
+    (tmp_path / "a-file").write_text("")  # a folder below a regular file: unwritable even for root
+    cache_dir = tmp_path / "a-file" / "cache"
+    code, lines, _ = launch(tmp_path, f"trainer.cache_dir={cache_dir}", "tracking=none", "dataset.image_size=64",
+                            "backbone.weights=random", "dataset.n_train=4", "dataset.n_test_good=2",
+                            "dataset.n_test_defect=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0, lines[-20:]
+    warnings = [line for line in lines if "feature cache" in line]
+    assert len(warnings) == 1 and f"cannot write to {cache_dir}" in warnings[0], warnings
+    assert not any("Traceback" in line for line in lines) and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_cache_disk_that_fills_mid_run_turns_writing_off_with_one_warning(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from helpers import compose_config
+
+    import ad.cache
+    from ad.run import run
+
+    def full(value, file):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ad.cache, "_torch_save", full)  # every backbone-feature entry meets a full disk
+    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
+                         "dataset.n_test_good=4", "dataset.n_test_defect=4", "tracking=none",
+                         f"trainer.cache_dir={tmp_path / 'cache'}", "trainer.batch_size=2")
+    with caplog.at_level(logging.WARNING, logger="ad.cache"):
+        results = run(cfg, tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ad.cache"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and str(tmp_path / "cache") in warnings[0]
+    assert "image_AUROC" in results and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_a_full_disk_for_checkpoints_is_one_line_and_the_run_ends_failed(tmp_path, tracking_uri, monkeypatch):
+    import errno
+
+    from helpers import compose_config
+
+    from ad.run import run
+
+    def full(payload, file, *args, **kwargs):
+        file.write(b"PK")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    cfg = compose_config(*TRAIN, "trainer.max_epochs=1", "trainer.feature_cache=false", f"tracking.uri={tracking_uri}")
+    with pytest.raises(ADError) as failed:
+        run(cfg, tmp_path / "run")
+    message = str(failed.value)
+    assert message.startswith(f"no space left on {tmp_path / 'run' / 'checkpoints'} (writing last.pt)")
+    assert "\n" not in message
+    mlflow_run = the_run(tracking_uri)
+    assert mlflow_run.info.status == "FAILED" and mlflow_run.data.tags["error"] == message
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no partial file left
+
+
+def test_a_full_disk_anywhere_in_a_failure_is_named_in_one_line(tmp_path):
+    import errno
+    import sqlite3
+
+    from ad.errors import out_of_space
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "mlartifacts" / "x.png"))
+        except OSError as exc:
+            raise RuntimeError("copying the artifact failed") from exc
+    except RuntimeError as exc:
+        assert out_of_space(exc) == str(tmp_path / "mlartifacts")
+    assert out_of_space(sqlite3.OperationalError("database or disk is full")) == "the tracking store's disk"
+    assert out_of_space(OSError(errno.EACCES, "Permission denied")) is None
