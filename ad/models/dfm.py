@@ -3,7 +3,9 @@
 One layer's feature map (resnet50 ``layer3``) is average-pooled with a 4×4 kernel and flattened
 per image; PCA keeps the leading components that explain ``pca_level`` of the variance. The score
 is either the feature reconstruction error ``fre`` (squared distance to the PCA subspace) or the
-negative log-likelihood ``nll`` of a Gaussian fitted in PCA space. With ``fre`` the residual,
+negative log-likelihood ``nll`` of a Gaussian fitted in PCA space (centred once: anomalib 2.7
+subtracts the mean twice, in place in its PCA and again in its transform, so its Gaussian sits at
+−mean·V and scores differ; with that shift undone they agree to 3e-7). With ``fre`` the residual,
 summed over channels per pooled cell, is the anomaly map, upsampled bilinearly to the image (not
 blurred, as in anomalib; ``blur_sigma`` > 0 adds a Gaussian blur); the image score is its sum, as in
 anomalib. ``nll`` is image-level only (no map), as in anomalib.
