@@ -15,25 +15,20 @@ import functools
 import logging
 import os
 import socket
-import time
 from collections.abc import Container
 from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ad.cache import DiskCache, digest
 from ad.errors import ADError
-from ad.threads import single_threaded
 
 log = logging.getLogger(__name__)
 
 HUB_PROBE_TIMEOUT_S = 3.0
-#: ``trainer.precision=auto`` runs a CPU's backbone in bf16 only if its convolutions are at least this much faster.
-BF16_MIN_SPEEDUP = 1.25
 
 
 def layer_indices(name: str, layers: list[str]) -> list[int]:
@@ -51,7 +46,11 @@ def layer_indices(name: str, layers: list[str]) -> list[int]:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for the backbone pass: ``auto`` picks bf16 only where the hardware runs it faster."""
+    """Autocast dtype for the backbone pass: ``auto`` picks bf16 only where the hardware runs it faster.
+
+    Decided from facts about the device, never from a timing, so the same command on the same
+    machine always runs with the same numerics, however busy the machine is.
+    """
     if precision == "fp32":
         return None
     if precision in ("bf16", "fp16"):
@@ -60,7 +59,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         raise ADError(f"trainer.precision: '{precision}' is not one of auto, fp32, bf16, fp16")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else None
+    return torch.bfloat16 if cpu_bf16_is_fast() else None
 
 
 def native_cpu_bf16() -> bool:
@@ -68,45 +67,33 @@ def native_cpu_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_identity(cpuinfo: str | None = None) -> tuple[str, frozenset[str]]:
+    """The CPU's vendor and feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "", frozenset()
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split())
+
+
 @functools.cache
-def cpu_bf16_speedup(repeats: int = 3) -> float:
-    """How many times faster a channels-last 3x3 convolution runs under bf16 autocast than in fp32 here.
+def cpu_bf16_is_fast(cpuinfo: str | None = None) -> bool:
+    """Whether bf16 autocast runs a CNN faster than fp32 on this CPU, from what the CPU is.
 
-    Measured once per process (about 60 ms), because native bf16 support does not predict it: with
-    the same torch a ResNet runs 2.6x faster in bf16 on a Zen 4 EPYC (AVX512_BF16) and 1.2x slower on
-    a Xeon that has AVX512_BF16 but no AMX. 0.0 where the CPU has no bf16 kernels at all.
-
-    The probe runs on one thread, fp32 and bf16 timings interleaved, best of ``repeats`` each: on all
-    cores, one busy core (the start-up image prefetch, another sweep job) stalls every parallel
-    convolution, and the ratio swung between 1.4 and 4.7 on a CPU where it is 1.9, so ``auto`` chose
-    fp32 in some runs and bf16 in others, at half the backbone's speed. On one thread it held at 1.9
-    with both cores busy.
+    Native bf16 kernels alone do not say: with the same torch a ResNet ran 2.6x faster in bf16 on a
+    Zen 4 EPYC (AVX512_BF16), about 5x on a Xeon with AMX tiles, and 1.2x slower on a Xeon with
+    AVX512_BF16 but no AMX. So: AMX, or an AMD CPU with AVX512_BF16. (A timed probe chose
+    differently on a busy machine from run to run, and with it the run's numerics.)
     """
     if not native_cpu_bf16():
-        return 0.0
-    generator = torch.Generator().manual_seed(0)  # its own: a probe must not move the run's seeded RNG
-    weight = torch.randn(128, 128, 3, 3, generator=generator).contiguous(memory_format=torch.channels_last)
-    x = torch.randn(4, 128, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
-
-    def seconds(dtype: torch.dtype) -> float:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            start = time.perf_counter()
-            F.conv2d(x, weight, padding=1)
-            return time.perf_counter() - start
-
-    dtypes = (torch.float32, torch.bfloat16)
-    with torch.inference_mode(), single_threaded(torch.device("cpu")):
-        for dtype in dtypes:  # the first call creates the oneDNN primitive
-            seconds(dtype)
-        best = dict.fromkeys(dtypes, float("inf"))
-        for _ in range(repeats):
-            for dtype in dtypes:
-                best[dtype] = min(best[dtype], seconds(dtype))
-    fp32, bf16 = best[torch.float32], best[torch.bfloat16]
-    speedup = fp32 / bf16
-    log.debug("bf16 convolution speed-up on this CPU: %.2fx (fp32 %.2f ms, bf16 %.2f ms, one thread)",
-              speedup, fp32 * 1e3, bf16 * 1e3)
-    return speedup
+        return False
+    vendor, flags = cpu_identity(cpuinfo)
+    return "amx_bf16" in flags or (vendor == "AuthenticAMD" and "avx512_bf16" in flags)
 
 
 def _host_reachable(url: str) -> bool:
