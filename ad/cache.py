@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
 #: Temporary files older than this are leftovers of killed writers.
 STALE_TMP_S = 3600
+#: Held while a cache turns its writing off: the run's thread and the writer thread may fail at once.
+_WRITES_OFF_LOCK = threading.Lock()
 
 
 def default_cache_dir() -> Path:
@@ -109,8 +112,9 @@ class DiskCache:
 
     def _turn_writes_off(self, exc: OSError) -> None:
         """Stop writing for the rest of the run (entries already stored are still read); warn once."""
-        if not self.writes_off:
-            self.writes_off = True
+        with _WRITES_OFF_LOCK:
+            was_off, self.writes_off = self.writes_off, True
+        if not was_off:
             log.warning(
                 "feature cache: cannot write to %s (%s); the run goes on without storing to it",
                 self.root,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 #: What a write fails with on a full disk, or a full quota.
@@ -57,10 +57,7 @@ def out_of_space(exc: BaseException) -> str | None:
     A run turns it into one line instead of the traceback of whichever library was writing (torch,
     MLflow's SQLite store, an artifact copy).
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in causes(exc):
         if isinstance(current, OSError) and current.errno in NO_SPACE:
             if not isinstance(current.filename, (str, bytes)) or not current.filename:
                 return "the disk it wrote to"
@@ -68,5 +65,14 @@ def out_of_space(exc: BaseException) -> str | None:
             return str(path if path.is_dir() else path.parent)
         if "database or disk is full" in str(current):  # SQLite's SQLITE_FULL
             return "the tracking store's disk"
-        current = current.__cause__ or current.__context__
     return None
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or during (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

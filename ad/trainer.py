@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ad.backbone import FeatureExtractor
 from ad.data import collate
-from ad.errors import ADError, write_error
+from ad.errors import ADError, causes, write_error
 from ad.models.base import TrainableModel
 from ad.signals import interruption, restore, stop_signal_numbers
 from ad.tracking import Tracker
@@ -169,8 +169,11 @@ def save_atomic(payload: dict, path: Path) -> None:
         with open(tmp, "wb") as file:
             torch.save(payload, file)
         os.replace(tmp, path)
-    except OSError as exc:
-        raise write_error(exc, path) from exc
+    except (OSError, RuntimeError) as exc:  # torch's writer raises a RuntimeError while the OSError unwinds
+        cause = next((e for e in causes(exc) if isinstance(e, OSError)), None)
+        if cause is None:
+            raise
+        raise write_error(cause, path) from exc
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

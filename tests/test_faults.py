@@ -579,3 +579,48 @@ def test_a_full_disk_anywhere_in_a_failure_is_named_in_one_line(tmp_path):
         assert out_of_space(exc) == str(tmp_path / "mlartifacts")
     assert out_of_space(sqlite3.OperationalError("database or disk is full")) == "the tracking store's disk"
     assert out_of_space(OSError(errno.EACCES, "Permission denied")) is None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real disk that fills up (skipped where mounting is not permitted)."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here (needs root or CAP_SYS_ADMIN)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_cache_on_a_disk_that_really_fills_turns_writing_off_once(small_disk, tmp_path, caplog):
+    from helpers import compose_config
+
+    from ad.run import run
+
+    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
+                         "dataset.n_test_good=4", "dataset.n_test_defect=4", "tracking=none",
+                         f"trainer.cache_dir={small_disk / 'cache'}", "trainer.batch_size=4")
+    with caplog.at_level(logging.WARNING, logger="ad.cache"):
+        results = run(cfg, tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ad.cache"]
+    assert len(warnings) == 1 and f"cannot write to {small_disk / 'cache'}" in warnings[0], warnings
+    assert "image_AUROC" in results and not list(small_disk.rglob("*.tmp"))
+
+
+def test_checkpoints_on_a_disk_that_really_fills_are_one_line_and_the_run_ends_failed(small_disk, tracking_uri):
+    from helpers import compose_config
+
+    from ad.run import run
+
+    cfg = compose_config(*TRAIN, "trainer.max_epochs=1", "trainer.feature_cache=false", f"tracking.uri={tracking_uri}")
+    with pytest.raises(ADError, match=rf"^no space left on {small_disk / 'run' / 'checkpoints'} \(writing last\.pt\)"):
+        run(cfg, small_disk / "run")
+    mlflow_run = the_run(tracking_uri)
+    assert mlflow_run.info.status == "FAILED" and mlflow_run.data.tags["error"].startswith("no space left on ")
+    assert not list((small_disk / "run" / "checkpoints").iterdir())
