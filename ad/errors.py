@@ -51,20 +51,22 @@ def write_error(exc: OSError, path: Path) -> ADError:
                    "or run in another folder (hydra.run.dir=...)")
 
 
-def out_of_space(exc: BaseException) -> str | None:
+def out_of_space(exc: BaseException, store: str | Path | None = None) -> str | None:
     """Where a full disk stopped a write, from anywhere in an exception's chain; None when no disk was full.
 
     A run turns it into one line instead of the traceback of whichever library was writing (torch,
-    MLflow's SQLite store, an artifact copy).
+    MLflow's SQLite store, an artifact copy); ``store`` names the folder of a SQLite store that is full.
     """
-    for current in causes(exc):
+    chain = list(causes(exc))
+    for current in chain:
         if isinstance(current, OSError) and current.errno in NO_SPACE:
-            if not isinstance(current.filename, (str, bytes)) or not current.filename:
+            name = current.filename2 or current.filename  # a copy's or a rename's destination
+            if not isinstance(name, (str, bytes)) or not name:
                 return "the disk it wrote to"
-            path = Path(os.fsdecode(current.filename))
+            path = Path(os.fsdecode(name))
             return str(path if path.is_dir() else path.parent)
-        if "database or disk is full" in str(current):  # SQLite's SQLITE_FULL
-            return "the tracking store's disk"
+    if any("database or disk is full" in str(current) for current in chain):  # SQLite's SQLITE_FULL
+        return str(store) if store else "the tracking store's disk"
     return None
 
 

@@ -36,7 +36,7 @@ from ad.metrics import compute_metrics
 from ad.models import AnomalyModel
 from ad.models.base import TrainableModel
 from ad.sweep import sweep_tags
-from ad.tracking import BackgroundTracker, StoreError, check_tracking
+from ad.tracking import BackgroundTracker, StoreError, check_tracking, store_folder
 from ad.trainer import (
     Trainer,
     check_checkpoint,
@@ -349,7 +349,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.end("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
         raise
     except BaseException as exc:
-        if not isinstance(exc, ADError) and (where := out_of_space(exc)) is not None:
+        if not isinstance(exc, ADError) and (where := out_of_space(exc, store_folder(cfg.get("tracking")))):
             full = ADError(f"no space left on {where}; free some space there, or write elsewhere")
             tracker.end("FAILED", error=failure(full))
             raise full from exc

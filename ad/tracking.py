@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ad import __version__
-from ad.errors import ADError, ConfigError
+from ad.errors import ADError, ConfigError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +48,8 @@ MODEL_REQUIREMENTS = ("numpy", "timm", "faiss-cpu", "faiss-gpu")
 PROBE_TIMEOUT_S = 5.0
 #: Less free space than this on the SQLite store's disk counts as full.
 MIN_FREE_BYTES = 1 << 20
+#: Space kept beside a SQLite store while a run is open, freed to end the run when the disk fills.
+RESERVE_BYTES = 1 << 20
 SQLITE_HEADER = b"SQLite format 3\x00"
 #: Default ports of the database servers MLflow stores runs in (probed with a TCP connect).
 DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
@@ -308,10 +310,23 @@ def sqlite_problem(db: Path, key: str) -> str | None:
     return None
 
 
+def store_folder(node: DictConfig | None) -> Path | None:
+    """The folder of the SQLite store of a ``tracking`` config node; None for other stores and trackers."""
+    if node is None or not str(node.get("_target_", "")).endswith(".MLflowTracker"):
+        return None
+    db = sqlite_path(resolve_tracking_uri(node.get("uri")))
+    return db.parent if db is not None else None
+
+
 def quiet_mlflow_logs() -> None:
-    """Lower MLflow's and Alembic's INFO chatter (migrations, run URLs) to warnings only."""
+    """Lower MLflow's and Alembic's INFO chatter (migrations, run URLs) to warnings only.
+
+    The SQLite store's own traceback of a failed statement is dropped too: the error it re-raises
+    reaches the run, which reports it in one line.
+    """
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def pinned_requirements() -> list[str]:
@@ -358,6 +373,7 @@ class MLflowTracker(Tracker):
         self.parent_run_id: str | None = None  # set when the caller's active run lives on another thread
         self.resumed = False  # whether start() reopened a run that a resumed training began
         self._uri: str | None = None  # resolved at start()
+        self._reserve: Path | None = None  # space kept beside a SQLite store, freed to end the run on a full disk
 
     # -- run lifecycle -------------------------------------------------------------------------
 
@@ -377,6 +393,7 @@ class MLflowTracker(Tracker):
             self.end("FAILED", error="a new run was started before this one ended")
         self._uri = resolve_tracking_uri(self.uri)
         experiment_id = self._experiment_id()
+        self._reserve_space()
         mlflow.set_tracking_uri(self._uri)
         run_tags = {**{str(k): str(v) for k, v in (tags or {}).items()}, "ad.version": __version__}
         run_tags.setdefault("ad.run_dir", str(Path(run_dir).resolve()))
@@ -407,31 +424,79 @@ class MLflowTracker(Tracker):
             raise
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
-        """Terminate the run with ``status`` (FINISHED, FAILED or KILLED) and an ``error`` tag."""
+        """Terminate the run with ``status`` (FINISHED, FAILED or KILLED) and an ``error`` tag.
+
+        Where that fails (a full disk), the space reserved at start is freed and it is tried again,
+        so that the run is not left RUNNING.
+        """
         run_id, self.run_id = self.run_id, None
         if run_id is None:
+            self._release_reserve()
             return
         if status not in RUN_STATUSES:
             log.warning("Unknown run status %r: ending the MLflow run as FAILED", status)
             status = "FAILED"
         try:
-            import mlflow
-
-            client = self._client()
-            if error:
-                client.set_tag(run_id, "error", truncate(str(error), ERROR_TAG_LENGTH))
-            elif status == "FINISHED" and self.resumed and "error" in client.get_run(run_id).data.tags:
-                client.delete_tag(run_id, "error")  # why an earlier attempt stopped no longer describes the run
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == run_id:
-                if mlflow.get_tracking_uri() != self._uri:
-                    mlflow.set_tracking_uri(self._uri)
-                mlflow.end_run(status)  # pops the fluent run stack too
-            else:
-                client.set_terminated(run_id, status)
+            self._end(run_id, status, error)
         except Exception as exc:  # end() runs on failure paths: report, never raise
-            log.warning("Could not end MLflow run %s as %s: %s", run_id, status, exc)
+            failure: Exception = exc
+            if self._release_reserve():  # a full disk: the reserve makes room to write the end
+                try:
+                    self._end(run_id, status, error)
+                    return
+                except Exception as again:  # noqa: BLE001
+                    failure = again
+            log.warning("Could not end MLflow run %s as %s: %s", run_id, status, one_line(failure)[:500])
             self._force_terminate(run_id, status)
+        finally:
+            self._release_reserve()
+
+    def _end(self, run_id: str, status: str, error: str | None) -> None:
+        import mlflow
+
+        client = self._client()
+        if error:
+            client.set_tag(run_id, "error", truncate(str(error), ERROR_TAG_LENGTH))
+        elif status == "FINISHED" and self.resumed and "error" in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, "error")  # why an earlier attempt stopped no longer describes the run
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            if mlflow.get_tracking_uri() != self._uri:
+                mlflow.set_tracking_uri(self._uri)
+            mlflow.end_run(status)  # pops the fluent run stack too (before it writes)
+        else:
+            client.set_terminated(run_id, status)
+
+    def _reserve_space(self) -> None:
+        """Keep ``RESERVE_BYTES`` beside a SQLite store while the run is open: on a full disk, SQLite needs
+        room to write the run's end, and ``end`` frees this for it. Best effort: no reserve, no error."""
+        import os
+
+        db = sqlite_path(self._uri)
+        if db is None or self._reserve is not None:
+            return
+        for stale in db.parent.glob(f".{db.name}.reserve-*"):  # of processes killed outright
+            pid = stale.name.rsplit("-", 2)[-2]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                stale.unlink(missing_ok=True)
+        path = db.parent / f".{db.name}.reserve-{os.getpid()}-{id(self):x}"
+        try:
+            with open(path, "wb") as file:
+                file.write(bytes(RESERVE_BYTES))  # written, not sparse: the blocks are really taken
+            self._reserve = path
+        except OSError:
+            path.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        """Delete the reserve file; True when there was one."""
+        path, self._reserve = self._reserve, None
+        if path is None:
+            return False
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            return False
+        return True
 
     # -- logging -------------------------------------------------------------------------------
 
@@ -621,6 +686,19 @@ class MLflowTracker(Tracker):
             self._client().set_terminated(run_id, status)
         except Exception as exc:
             log.warning("MLflow run %s may be left RUNNING: %s", run_id, exc)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one of another user counts as running)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def max_batch() -> int:

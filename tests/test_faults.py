@@ -624,3 +624,38 @@ def test_checkpoints_on_a_disk_that_really_fills_are_one_line_and_the_run_ends_f
     mlflow_run = the_run(tracking_uri)
     assert mlflow_run.info.status == "FAILED" and mlflow_run.data.tags["error"].startswith("no space left on ")
     assert not list((small_disk / "run" / "checkpoints").iterdir())
+
+
+@pytest.fixture
+def store_disk(tmp_path, migrated_db):
+    """A 3 MiB tmpfs holding a migrated MLflow store (about 1 MB), which a logged model fills up."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "store-disk"
+    folder.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here (needs root or CAP_SYS_ADMIN)")
+    shutil.copy(migrated_db, folder / "mlflow.db")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_tracking_store_whose_disk_fills_is_one_line_and_the_run_is_not_left_running(store_disk, tmp_path):
+    from helpers import compose_config
+
+    from ad.run import run
+
+    uri = f"sqlite:///{store_disk / 'mlflow.db'}"
+    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
+                         "dataset.n_test_good=4", "dataset.n_test_defect=4", "trainer.feature_cache=false",
+                         f"tracking.uri={uri}")  # the model logged into the store does not fit
+    with pytest.raises(ADError, match=rf"^no space left on {store_disk}") as failed:
+        run(cfg, tmp_path / "run")
+    assert "\n" not in str(failed.value)
+    mlflow_run = the_run(uri)
+    assert mlflow_run.info.status == "FAILED" and mlflow_run.data.tags["error"] == str(failed.value)
+    assert [path.name for path in store_disk.iterdir() if ".reserve-" in path.name] == []  # freed
