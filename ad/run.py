@@ -345,6 +345,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         write_json(run_dir / "metrics.json", results)
         tracker.log_metrics({"total_s": results["total_s"]})
         tracker.log_artifact(run_dir / "metrics.json")
+        tracker.wait()  # a failure to record the results fails the run here, not only its MLflow status
     except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal (ad.signals.Stopped)
         tracker.end("KILLED", error=str(exc) or "interrupted (Ctrl-C)")
         raise

@@ -27,6 +27,7 @@ from ad.data import MVTecAD, Sample, make_mvtec_layout, read_image
 from ad.data.base import cached_decoded, decode, load_decoded
 from ad.data.download import Archive, download_dataset
 from ad.errors import ADError
+from ad.tracking import NullTracker
 
 # ---------------------------------------------------------------- backbone checkpoints
 
@@ -659,3 +660,24 @@ def test_a_tracking_store_whose_disk_fills_is_one_line_and_the_run_is_not_left_r
     mlflow_run = the_run(uri)
     assert mlflow_run.info.status == "FAILED" and mlflow_run.data.tags["error"] == str(failed.value)
     assert [path.name for path in store_disk.iterdir() if ".reserve-" in path.name] == []  # freed
+
+
+class ResultsNotRecordedTracker(NullTracker):
+    """A tracker whose store takes everything but the final results file."""
+
+    def log_artifact(self, path, artifact_path=None):
+        if Path(path).name == "metrics.json":
+            raise OSError("the artifact store refused metrics.json")
+
+
+def test_a_run_whose_results_cannot_be_recorded_fails(tmp_path):
+    # The failure used to turn the MLflow run FAILED while the command still printed its table and exited 0.
+    from helpers import compose_config
+
+    from ad.run import run
+
+    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
+                         "dataset.n_test_good=4", "dataset.n_test_defect=4", "tracking=none")
+    cfg.tracking = {"_target_": f"{__name__}.ResultsNotRecordedTracker"}
+    with pytest.raises(OSError, match="refused metrics.json"):
+        run(cfg, tmp_path / "run")
