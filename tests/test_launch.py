@@ -210,3 +210,11 @@ def test_an_unknown_optimized_metric_is_one_line_before_the_run(hydra_job, monke
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: optimized_metric: 'image_AUC' is not a result") and "image_AUROC" in err
+
+
+def test_a_patchcore_run_prints_no_library_loader_noise(tmp_path):
+    # faiss logged which CPU build it loaded, with a ModuleNotFoundError for each one it skipped.
+    done = launch(tmp_path, "model=patchcore", "backbone=resnet18", "tracking=none", *TINY, *TINY_SYNTHETIC)
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "faiss.loader" not in output and "ModuleNotFoundError" not in output
