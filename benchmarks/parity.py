@@ -390,6 +390,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="ad's side: bf16 autocast as ad's trainer.precision=auto picks on CPUs with native bf16")
     parser.add_argument("--channels-last", action="store_true", help="ad in its default NHWC layout")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep batch norm apart in ad's frozen backbone, as anomalib does (ad folds it in)")
     parser.add_argument("--out", help="JSON file for the report")
     parser.add_argument("--record", help="instead: record anomalib's metrics in the tiny setting of "
                                          "tests/test_map_direction.py into this JSON file")
@@ -505,6 +507,10 @@ def record_direction(model: str, path: Path) -> None:
 def main() -> None:
     args = parse_args()
     SETTINGS.update(channels_last=args.channels_last, precision=args.precision)
+    if args.no_fuse:
+        import ad.backbone
+
+        ad.backbone.fuse_batchnorm = lambda model: model
     if args.record:
         record_direction(args.model, Path(args.record))
         return
