@@ -29,6 +29,10 @@ from ad.data.download import Archive, download_dataset
 from ad.errors import ADError
 from ad.tracking import NullTracker
 
+#: A PaDiM run of a few seconds on generated data (the default model and dataset).
+TINY_PADIM = ("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8", "dataset.n_test_good=4",
+              "dataset.n_test_defect=4")
+
 # ---------------------------------------------------------------- backbone checkpoints
 
 
@@ -360,8 +364,7 @@ def test_sigterm_outside_training_ends_the_run_killed(tmp_path, tracking_uri, mo
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Padim, "fit", terminated)
-    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
-                         "dataset.n_test_good=4", "dataset.n_test_defect=4", f"tracking.uri={tracking_uri}")
+    cfg = compose_config(*TINY_PADIM, f"tracking.uri={tracking_uri}")
     with pytest.raises(Stopped) as stopped, stop_signals():
         run(cfg, tmp_path / "run")
     assert stopped.value.exit_code == 143
@@ -532,8 +535,7 @@ def test_a_cache_disk_that_fills_mid_run_turns_writing_off_with_one_warning(tmp_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ad.cache, "_torch_save", full)  # every backbone-feature entry meets a full disk
-    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
-                         "dataset.n_test_good=4", "dataset.n_test_defect=4", "tracking=none",
+    cfg = compose_config(*TINY_PADIM, "tracking=none",
                          f"trainer.cache_dir={tmp_path / 'cache'}", "trainer.batch_size=2")
     with caplog.at_level(logging.WARNING, logger="ad.cache"):
         results = run(cfg, tmp_path / "run")
@@ -604,8 +606,7 @@ def test_a_cache_on_a_disk_that_really_fills_turns_writing_off_once(small_disk, 
 
     from ad.run import run
 
-    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
-                         "dataset.n_test_good=4", "dataset.n_test_defect=4", "tracking=none",
+    cfg = compose_config(*TINY_PADIM, "tracking=none",
                          f"trainer.cache_dir={small_disk / 'cache'}", "trainer.batch_size=4")
     with caplog.at_level(logging.WARNING, logger="ad.cache"):
         results = run(cfg, tmp_path / "run")
@@ -651,8 +652,7 @@ def test_a_tracking_store_whose_disk_fills_is_one_line_and_the_run_is_not_left_r
     from ad.run import run
 
     uri = f"sqlite:///{store_disk / 'mlflow.db'}"
-    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
-                         "dataset.n_test_good=4", "dataset.n_test_defect=4", "trainer.feature_cache=false",
+    cfg = compose_config(*TINY_PADIM, "trainer.feature_cache=false",
                          f"tracking.uri={uri}")  # the model logged into the store does not fit
     with pytest.raises(ADError, match=rf"^no space left on {store_disk}") as failed:
         run(cfg, tmp_path / "run")
@@ -676,8 +676,7 @@ def test_a_run_whose_results_cannot_be_recorded_fails(tmp_path):
 
     from ad.run import run
 
-    cfg = compose_config("dataset.image_size=64", "backbone.weights=random", "dataset.n_train=8",
-                         "dataset.n_test_good=4", "dataset.n_test_defect=4", "tracking=none")
+    cfg = compose_config(*TINY_PADIM, "tracking=none")
     cfg.tracking = {"_target_": f"{__name__}.ResultsNotRecordedTracker"}
     with pytest.raises(OSError, match="refused metrics.json"):
         run(cfg, tmp_path / "run")
