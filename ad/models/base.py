@@ -35,6 +35,20 @@ class AnomalyModel(nn.Module):
     def forward(self, images: torch.Tensor) -> Prediction:
         raise NotImplementedError
 
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a fitted model's tensors into a freshly built one (strict): buffers take their fitted shapes.
+
+        A method keeps everything scoring needs in parameters and buffers, so its constructor's
+        settings plus this state rebuild it exactly; that is what the model bundle stores.
+        """
+        buffers = dict(self.named_buffers())
+        for key, value in state.items():
+            if key in buffers and buffers[key].shape != value.shape:
+                owner, _, name = key.rpartition(".")
+                module = self.get_submodule(owner) if owner else self
+                setattr(module, name, torch.empty_like(value, device=buffers[key].device))
+        self.load_state_dict(state, strict=True)
+
     @property
     def weights_source(self) -> str:
         """Where the backbone weights came from (imagenet, file, random), or 'none' without a backbone."""
