@@ -19,7 +19,9 @@ from torchmetrics.functional.classification import binary_auroc, binary_precisio
 from ad.errors import ADError
 from ad.threads import map_on_cores
 
-__all__ = ["compute_metrics", "image_auroc", "image_f1_max", "pixel_aupro", "pixel_auroc"]
+__all__ = [
+    "compute_metrics", "image_auroc", "image_f1_max", "operating_point_metrics", "pixel_aupro", "pixel_auroc",
+]
 
 # 8-connectivity inside each image and none across the stacked image axis, so a single
 # ndimage.label call over (N, H, W) gives every region of every image its own label.
@@ -209,11 +211,55 @@ def compute_metrics(
     maps: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """All metrics as a flat dict; pixel metrics only when both ``maps`` and ``masks`` are given."""
+    """The threshold-free metrics as a flat dict, each only where the test split can measure it.
+
+    Image metrics need good and defective images; pixel metrics need ``maps`` and ``masks`` with
+    defective pixels. What cannot be measured is left out, never filled in.
+    """
+    labels = torch.as_tensor(labels)
+    if not (bool((labels == 1).any()) and bool((labels == 0).any())):
+        return {}
     f1, threshold = image_f1_max(scores, labels)
     metrics = {"image_AUROC": image_auroc(scores, labels), "image_F1": f1, "image_F1_threshold": threshold}
-    if maps is not None and masks is not None:
+    if maps is not None and masks is not None and bool(torch.as_tensor(masks).any()):
         pixels = PixelScores(maps, masks)  # one sort of the normal pixels serves both
         metrics["pixel_AUROC"] = _pixel_auroc(pixels)
         metrics["pixel_AUPRO"] = _pixel_aupro(pixels, fpr_limit=0.3)
+    return metrics
+
+
+def operating_point_metrics(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float | None,
+    maps: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
+    pixel_threshold: float | None = None,
+) -> dict[str, float]:
+    """Test-split metrics at the operating thresholds (anomalous iff score >= threshold), where measurable.
+
+    ``image_false_reject_rate`` (good images flagged) needs good images, ``image_recall`` and
+    ``image_false_accept_rate`` (defective images passed) need defective ones, ``image_precision`` a
+    flagged image; pixel F1 and IoU need maps, masks with defective pixels and a pixel threshold.
+    """
+    metrics: dict[str, float] = {}
+    if threshold is not None:
+        scores = torch.as_tensor(scores).detach().cpu().double().flatten()
+        labels = torch.as_tensor(labels).detach().cpu().flatten().bool()
+        flagged = scores >= threshold
+        good, bad = ~labels, labels
+        if good.any():
+            metrics["image_false_reject_rate"] = float(flagged[good].double().mean())
+        if bad.any():
+            metrics["image_recall"] = float(flagged[bad].double().mean())
+            metrics["image_false_accept_rate"] = 1.0 - metrics["image_recall"]
+        if flagged.any() and bad.any():
+            metrics["image_precision"] = float((flagged & bad).sum() / flagged.sum())
+    if pixel_threshold is not None and maps is not None and masks is not None and bool(torch.as_tensor(masks).any()):
+        truth = torch.as_tensor(masks).bool()
+        predicted = torch.as_tensor(maps) >= pixel_threshold
+        tp = int((predicted & truth).sum())
+        fp, fn = int((predicted & ~truth).sum()), int((~predicted & truth).sum())
+        metrics["pixel_F1"] = 2 * tp / (2 * tp + fp + fn)
+        metrics["pixel_IoU"] = tp / (tp + fp + fn)
     return metrics

@@ -147,20 +147,47 @@ def _store(cache: DiskCache, key: str, image: np.ndarray, mask: np.ndarray) -> N
     cache.save_array(DECODED, key, np.concatenate([payload, checksum]))
 
 
+def seeded_split(items: Sequence, ratio: float, seed: int, key: str) -> tuple[list, list]:
+    """Split ``items`` (paths or samples) into (kept, held out), holding out ``ratio`` of them; same seed, same split.
+
+    Items are ranked by a hash of the seed and their file name, so the split does not depend on listing
+    order or library versions, and adding images leaves earlier assignments mostly unchanged. At least
+    one item is held out when ``ratio`` > 0, and at least one kept; ``key`` names the setting in errors.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ADError(f"{key}: must be a number in [0, 1), got {ratio!r}")
+    n_held = round(len(items) * ratio)
+    if ratio > 0 and n_held == 0:
+        n_held = 1
+    if n_held and n_held >= len(items):
+        raise ADError(f"{key}: holding out {ratio} of {len(items)} good images leaves none to train on; "
+                      f"add good images or lower {key}")
+    name = lambda item: (item.image if isinstance(item, Sample) else item).name  # noqa: E731
+    ranked = sorted(items, key=lambda item: hashlib.sha256(f"{seed}|{name(item)}".encode()).hexdigest())
+    held = {id(item) for item in ranked[:n_held]}
+    return [item for item in items if id(item) not in held], [item for item in items if id(item) in held]
+
+
 class AnomalyDataset:
-    """A category of an anomaly detection dataset: good training images and a labelled test split.
+    """A category of an anomaly detection dataset: good training images, a validation split and a labelled test split.
 
     Subclasses find the files and call ``__init__`` with the sample lists; everything else is shared.
+    The validation split, which operating thresholds are set on (never on the test split), is a seeded
+    share ``val_ratio`` of the good training images unless a subclass lists its own (``val``).
     """
 
     name: str = "dataset"
 
     def __init__(
-        self, category: str, image_size: int, train: list[Sample], test: list[Sample], has_masks: bool
+        self, category: str, image_size: int, train: list[Sample], test: list[Sample], has_masks: bool,
+        val_ratio: float = 0.0, seed: int = 0, val: list[Sample] | None = None,
     ) -> None:
         self.category = category
         self.image_size = check_image_size(image_size)
+        if val is None:
+            train, val = seeded_split(train, val_ratio, seed, "dataset.val_ratio")
         self.train = train
+        self.val = val
         self.test = test
         self.has_masks = has_masks
 
@@ -175,6 +202,12 @@ class AnomalyDataset:
 
         return ImageDataset(self.train, self.image_size, cache)
 
+    def val_set(self, cache: DiskCache | None = None) -> ImageDataset:
+        """Torch dataset of the validation images (held-out good ones, and labelled defects where listed)."""
+        from ad.data.tensors import ImageDataset
+
+        return ImageDataset(self.val, self.image_size, cache)
+
     def test_set(self, cache: DiskCache | None = None) -> ImageDataset:
         """Torch dataset of the labelled test images, with masks where the dataset has them."""
         from ad.data.tensors import ImageDataset
@@ -187,7 +220,7 @@ class AnomalyDataset:
         Equal fingerprints mean the same pixels go in, so caches of features may be reused.
         """
         digest = hashlib.sha256(f"{type(self).__qualname__}|{self.category}|{self.image_size}".encode())
-        for split, samples in (("train", self.train), ("test", self.test)):
+        for split, samples in (("train", self.train), ("val", self.val), ("test", self.test)):
             for sample in samples:
                 digest.update(f"|{split}|{sample.label}|{file_key(sample.image)}".encode())
                 if sample.mask is not None:
@@ -199,7 +232,7 @@ class AnomalyDataset:
         anomalous = sum(sample.label for sample in self.test)
         masks = "with masks" if self.has_masks else "no masks: pixel metrics skipped"
         return (
-            f"{self.name}/{self.category} at {self.image_size}px: {len(self.train)} train, "
+            f"{self.name}/{self.category} at {self.image_size}px: {len(self.train)} train, {len(self.val)} val, "
             f"{len(self.test)} test ({anomalous} anomalous, defects: {', '.join(self.defects) or 'none'}), {masks}"
         )
 

@@ -36,6 +36,8 @@ class BTAD(AnomalyDataset):
         categories: Sequence[str] | None = None,
         download: bool = False,
         archive: Mapping | None = None,
+        val_ratio: float = 0.0,
+        seed: int = 42,
     ) -> None:
         check_image_size(image_size)
         category = f"{category:02d}" if isinstance(category, int) else str(category)  # dataset.category=1 -> "01"
@@ -52,7 +54,7 @@ class BTAD(AnomalyDataset):
         train = [Sample(image=path, label=0, defect="good") for path in required_images(category_dir / "train" / GOOD)]
         test = [Sample(image=path, label=0, defect="good") for path in required_images(category_dir / "test" / GOOD)]
         test += anomalous_samples(category_dir)
-        super().__init__(category, image_size, train, test, has_masks=True)
+        super().__init__(category, image_size, train, test, has_masks=True, val_ratio=val_ratio, seed=seed)
 
 
 def required_images(folder: Path) -> list[Path]:

@@ -1,16 +1,16 @@
 """Dataset from plain folders: good images, optionally abnormal images and their masks.
 
 For users whose data is not in the MVTec layout; good test images come from their own folder or are a
-seeded, deterministic hold-out of the good ones.
+seeded, deterministic hold-out of the good ones. Good images alone are a valid dataset: the run then
+sets its thresholds and measures the false-reject rate on held-out good images.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
-from ad.data.base import AnomalyDataset, Sample, check_image_size
+from ad.data.base import AnomalyDataset, Sample, check_image_size, seeded_split
 from ad.data.io import IMAGE_EXTENSIONS, index_masks, list_images
 from ad.errors import ADError
 
@@ -21,7 +21,10 @@ _EXTENSIONS = ", ".join(IMAGE_EXTENSIONS)
 
 
 class Folder(AnomalyDataset):
-    """Good images from ``normal_dir``; anomalous ones from ``abnormal_dir`` with masks from ``mask_dir``."""
+    """Good images from ``normal_dir``; anomalous ones from ``abnormal_dir`` with masks from ``mask_dir``.
+
+    ``abnormal_val_dir`` holds labelled defective validation images, for ``threshold.method=f1``.
+    """
 
     name = "folder"
 
@@ -35,6 +38,8 @@ class Folder(AnomalyDataset):
         seed: int = 42,
         image_size: int = 256,
         category: str = "folder",
+        val_ratio: float = 0.0,
+        abnormal_val_dir: str | None = None,
     ) -> None:
         check_image_size(image_size)
         if mask_dir is not None and abnormal_dir is None:
@@ -48,13 +53,19 @@ class Folder(AnomalyDataset):
         if abnormal_dir is not None:
             test += abnormal_samples(images_in("dataset.abnormal_dir", abnormal_dir), mask_dir)
         else:
-            log.warning("dataset.abnormal_dir is not set: the test split has no anomalous images to score")
+            log.info("dataset.abnormal_dir is not set: the test split holds good images only, so the run "
+                     "measures its false-reject rate; AUROC and F1 need defective images")
+        train, good_val = seeded_split(train, val_ratio, seed, "dataset.val_ratio")
+        val = [Sample(image=path, label=0, defect=GOOD) for path in good_val]
+        if abnormal_val_dir is not None:
+            val += abnormal_samples(images_in("dataset.abnormal_val_dir", abnormal_val_dir), None)
         super().__init__(
             str(category),
             image_size,
             train=[Sample(image=path, label=0, defect=GOOD) for path in train],
             test=test,
             has_masks=mask_dir is not None,
+            val=val,
         )
 
 
@@ -70,32 +81,11 @@ def images_in(key: str, folder: str) -> list[Path]:
 
 
 def split_normals(images: list[Path], test_split_ratio: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """Hold out ``test_split_ratio`` of the good images as good test images: same seed, same split.
-
-    Images are ranked by a hash of seed and file name, so the split does not depend on listing order
-    or library versions, and adding images leaves earlier assignments mostly unchanged.
-    """
-    if not 0.0 <= test_split_ratio < 1.0:
-        raise ADError(f"dataset.test_split_ratio: must be in [0, 1), got {test_split_ratio!r}")
-    n_test = round(len(images) * test_split_ratio)
-    if test_split_ratio > 0 and n_test == 0:
-        n_test = 1
-    if n_test >= len(images):
-        raise ADError(
-            f"dataset.test_split_ratio: holding out {test_split_ratio} of {len(images)} good images leaves none "
-            f"to train on; add images to dataset.normal_dir or set dataset.normal_test_dir"
-        )
-    ranked = sorted(images, key=lambda path: hashlib.sha256(f"{seed}|{path.name}".encode()).hexdigest())
-    held_out = set(ranked[:n_test])
-    log.info(
-        "held out %d of %d good images of dataset.normal_dir as good test images "
-        "(dataset.test_split_ratio=%s, dataset.seed=%s)",
-        n_test,
-        len(images),
-        test_split_ratio,
-        seed,
-    )
-    return [path for path in images if path not in held_out], [path for path in images if path in held_out]
+    """Hold out ``test_split_ratio`` of the good images as good test images: same seed, same split."""
+    train, held_out = seeded_split(images, test_split_ratio, seed, "dataset.test_split_ratio")
+    log.info("held out %d of %d good images of dataset.normal_dir as good test images "
+             "(dataset.test_split_ratio=%s, dataset.seed=%s)", len(held_out), len(images), test_split_ratio, seed)
+    return train, held_out
 
 
 def abnormal_samples(images: list[Path], mask_dir: str | None) -> list[Sample]:

@@ -44,6 +44,8 @@ class MVTecAD(AnomalyDataset):
         categories: Sequence[str] | None = None,
         download: bool = False,
         archive: Mapping | None = None,
+        val_ratio: float = 0.0,
+        seed: int = 42,
     ) -> None:
         check_image_size(image_size)
         self.root = Path(root).expanduser().absolute()
@@ -55,7 +57,7 @@ class MVTecAD(AnomalyDataset):
         category_dir = find_category_dir(self.root, str(category), categories)
         train = read_train_samples(category_dir)
         test, has_masks = attach_masks(category_dir, read_test_samples(category_dir))
-        super().__init__(str(category), image_size, train, test, has_masks)
+        super().__init__(str(category), image_size, train, test, has_masks, val_ratio=val_ratio, seed=seed)
 
 
 def available_categories(root: Path) -> list[str]:

@@ -270,6 +270,7 @@ class Synthetic(MVTecAD):
         seed: int = 42,
         root: str | None = None,
         categories: list[str] | None = None,
+        val_ratio: float = 0.0,
     ) -> None:
         if categories is not None and category not in categories:  # the config's list, used by category=all
             valid = ", ".join(categories)
@@ -289,7 +290,7 @@ class Synthetic(MVTecAD):
             )
         base = Path(root).expanduser() if root is not None else default_cache_dir() / "synthetic" / cache_name(settings)
         ensure_generated(base / category, settings)
-        super().__init__(root=str(base), category=category, image_size=image_size)
+        super().__init__(root=str(base), category=category, image_size=image_size, val_ratio=val_ratio, seed=seed)
 
 
 def check_count(key: str, value: object, minimum: int) -> int:

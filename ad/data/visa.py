@@ -42,6 +42,8 @@ class VisA(AnomalyDataset):
         split_file: str = "split_csv/1cls.csv",
         download: bool = False,
         archive: Mapping | None = None,
+        val_ratio: float = 0.0,
+        seed: int = 42,
     ) -> None:
         check_image_size(image_size)
         category = str(category)
@@ -63,7 +65,7 @@ class VisA(AnomalyDataset):
             raise ADError(f"dataset.category: '{category}' has no rows in {self.split_file}; "
                           f"categories there: {', '.join(found)}")
         train, test = samples_of(category, rows, self.root, self.split_file)
-        super().__init__(category, image_size, train, test, has_masks=True)
+        super().__init__(category, image_size, train, test, has_masks=True, val_ratio=val_ratio, seed=seed)
 
 
 def read_split(path: Path) -> list[tuple[int, dict[str, str]]]:
