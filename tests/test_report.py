@@ -6,7 +6,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-import ad.report
+import ad.report.tables
 from ad.report import main, report
 
 ROUND = 3
@@ -71,7 +71,7 @@ def test_csv_has_every_row_with_blanks_for_missing_metrics(store, tmp_path):
 
 
 def test_categories_never_run_show_as_blank_rows(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(ad.report, "known_categories", lambda dataset: ["cable", "bottle", "zipper"])
+    monkeypatch.setattr(ad.report.tables, "known_categories", lambda dataset: ["cable", "bottle", "zipper"])
     text = report("bench", store[0], None)
     padim = text.split("### toy · padim")[1].split("###")[0]
     rows = [line.split("|")[1].strip() for line in padim.splitlines() if line.startswith("| ")][1:]
