@@ -6,9 +6,11 @@ simply have less to show.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,21 +24,27 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 
 @dataclass
 class Predictions:
-    """One row per test image: its score, whether it was flagged (``label``), the truth (``target``), the defect."""
+    """One row per test image: its score, the truth (``target``: 1 defective), the defect, whether it was flagged."""
 
     path: list[str]
     score: np.ndarray
-    label: np.ndarray
     target: np.ndarray
     defect: list[str]
+    label: np.ndarray | None = None  # 1 = flagged anomalous at the run's threshold; None without a threshold
 
-    def misses(self, kind: str, count: int) -> np.ndarray:
-        """Indices of the worst false accepts (defects scored lowest) or false rejects (good images scored highest)."""
-        if kind == "false accept":
-            found = np.flatnonzero((self.target == 1) & (self.label == 0))
-            return found[np.argsort(self.score[found], kind="stable")][:count]
-        found = np.flatnonzero((self.target == 0) & (self.label == 1))
-        return found[np.argsort(-self.score[found], kind="stable")][:count]
+    def flagged(self, threshold: float | None) -> np.ndarray | None:
+        """Which images the run flagged: its labels, else the scores at ``threshold``, else None."""
+        if self.label is not None:
+            return self.label.astype(bool)
+        return None if threshold is None else self.score >= threshold
+
+    def misses(self, flagged: np.ndarray) -> dict[str, np.ndarray]:
+        """Indices of the false accepts (defective, not flagged; lowest score first) and false rejects
+        (good, flagged; highest score first): the worst misses lead."""
+        accepts = np.flatnonzero((self.target == 1) & ~flagged)
+        rejects = np.flatnonzero((self.target == 0) & flagged)
+        return {"false accept": accepts[np.argsort(self.score[accepts], kind="stable")],
+                "false reject": rejects[np.argsort(-self.score[rejects], kind="stable")]}
 
 
 @dataclass
@@ -60,14 +68,32 @@ class RunArtifacts:
         return None
 
 
-def read_predictions(file: Path) -> Predictions:
-    """Parse ``predictions.csv`` (``path,score,label,target,defect``); a missing ``label`` is left at 0."""
+def read_predictions(file: Path) -> Predictions | None:
+    """Parse ``predictions.csv`` (``path,score,label,target,defect``); None when it has no ground truth to compare."""
     with open(file, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    column = lambda name, kind: np.array([kind(r[name]) if r.get(name) not in (None, "") else 0 for r in rows])
-    return Predictions(path=[r.get("path", "") for r in rows], score=column("score", float).astype(float),
-                       label=column("label", int), target=column("target", int),
-                       defect=[r.get("defect") or ("good" if r.get("target") == "0" else "defect") for r in rows])
+    if not rows or "score" not in rows[0] or "target" not in rows[0]:
+        return None
+    labels = [r.get("label") or "" for r in rows]
+    return Predictions(path=[r.get("path", "") for r in rows], score=np.array([float(r["score"]) for r in rows]),
+                       target=np.array([int(r["target"]) for r in rows]),
+                       defect=[r.get("defect") or ("good" if r["target"] == "0" else "defect") for r in rows],
+                       label=None if "" in labels else np.array(labels, dtype=int))
+
+
+@contextlib.contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """Without MLflow's progress bar per downloaded file (one line each on the terminal), restored after."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def fetch(client, run_id: str, scratch: Path) -> RunArtifacts:

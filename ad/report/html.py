@@ -14,7 +14,7 @@ import tempfile
 from html import escape
 from pathlib import Path
 
-from ad.report.artifacts import RunArtifacts, fetch
+from ad.report.artifacts import RunArtifacts, fetch, quiet_downloads
 from ad.report.plots import run_figure, sweep_figure
 from ad.report.tables import Grid, Row, Table, cell, grids, when
 
@@ -27,10 +27,11 @@ OVERLAY_WIDTH, JPEG_QUALITY = 560, 82
 OPERATING = {"image_threshold": "image threshold", "pixel_threshold": "pixel threshold",
              "image_precision": "precision", "image_recall": "recall",
              "image_false_reject_rate": "false reject rate", "image_false_accept_rate": "false accept rate",
+             "image_threshold_frr_bound": "false reject rate, 95% bound",
              "fit_s": "fit s", "test_s": "test s", "total_s": "whole command s"}
 #: Run facts from metrics.json, in the order shown.
 INFO = ("weights", "weights_tag", "precision", "device", "image_size", "n_train", "n_test", "seed", "epochs",
-        "ad_version")
+        "threshold_method", "ad_version")
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;padding:0 16px;color:#222}
 h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
@@ -38,7 +39,9 @@ table{border-collapse:collapse;margin:8px 0}th,td{padding:3px 10px;border-bottom
 th{background:#f5f5f5;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
 td.best{font-weight:700;background:#e8f5e9}.muted{color:#777}img{max-width:100%}
 details{border:1px solid #e3e3e3;border-radius:6px;margin:10px 0;padding:6px 12px}
-summary{cursor:pointer;font-weight:600}.facts td{border:none;padding:1px 10px 1px 0}
+summary{cursor:pointer;font-weight:600}
+.facts{display:grid;grid-template-columns:repeat(3,max-content minmax(0,1fr));gap:2px 12px;margin:8px 0}
+.facts dt{color:#777}.facts dd{margin:0;overflow-wrap:anywhere}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}.gallery figure{margin:0;width:272px}
 .gallery figcaption{font-size:12px}.card{border:1px dashed #ccc;padding:8px;font-size:12px;width:256px}
 """
@@ -91,25 +94,25 @@ def facts(row: Row, found: RunArtifacts) -> str:
     items += [(key, str(found.info[key])) for key in INFO if found.info.get(key) not in (None, "")]
     items += [(label, cell(row.metrics[key])) for key, label in OPERATING.items() if key in row.metrics]
     items += sorted((k, v) for k, v in run.data.tags.items() if k.startswith("ad.") and k != "ad.model")
-    return '<table class="facts">' + "".join(f'<tr><td class="muted">{escape(k)}</td><td>{escape(v)}</td></tr>'
-                                             for k, v in items) + "</table>"
+    return '<dl class="facts">' + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items) + "</dl>"
 
 
-def gallery(found: RunArtifacts) -> str:
+def gallery(found: RunArtifacts, threshold: float | None) -> str:
     """The worst false accepts and false rejects, each with its overlay panel where the run logged one."""
     pred = found.predictions
+    flagged = pred.flagged(threshold)
+    if flagged is None:
+        return '<p class="muted">No image threshold in this run: no misses to show.</p>'
     parts = []
-    for kind, what in (("false accept", "defective images scored as good, lowest score first"),
-                       ("false reject", "good images flagged, highest score first")):
-        misses = pred.misses(kind, MISSES)
-        total = int((((pred.target == 1) & (pred.label == 0)) if kind == "false accept"
-                     else ((pred.target == 0) & (pred.label == 1))).sum())
-        parts.append(f"<h4>{kind.capitalize()}s: {total} ({what})</h4>")
-        if not len(misses):
+    explain = {"false accept": "defective images passed as good, lowest score first",
+               "false reject": "good images flagged, highest score first"}
+    for kind, found_misses in pred.misses(flagged).items():
+        parts.append(f"<h4>{kind.capitalize()}s: {len(found_misses)} ({explain[kind]})</h4>")
+        if not len(found_misses):
             parts.append('<p class="muted">none</p>')
             continue
         cards = []
-        for i in misses:
+        for i in found_misses[:MISSES]:
             caption = f"{pred.defect[i]} · score {pred.score[i]:.4g} · {Path(pred.path[i]).name}"
             overlay = found.overlay(pred.defect[i], pred.path[i])
             if overlay is not None:
@@ -128,10 +131,11 @@ def run_section(table: Table, row: Row, found: RunArtifacts, open_: bool) -> str
     headline = ", ".join(f"{k} {cell(row.metrics[k])}" for k in ("image_AUROC", "pixel_AUPRO") if k in row.metrics)
     parts = [f"<details{' open' if open_ else ''}><summary>{escape(summary)} "
              f'<span class="muted">{escape(headline)}</span></summary>', facts(row, found)]
+    operating = "image_threshold" in row.metrics
+    threshold = row.metrics.get("image_threshold", row.metrics.get("image_F1_threshold"))
     if found.predictions is not None:
-        threshold = row.metrics.get("image_threshold", row.metrics.get("image_F1_threshold"))
-        parts.append(f'<p><img alt="ROC, precision-recall and scores" src="{run_figure(found.predictions, threshold)}">'
-                     "</p>")
+        figure = run_figure(found.predictions, threshold, "threshold" if operating else "F1-best threshold (test)")
+        parts.append(f'<p><img alt="ROC, precision-recall and scores" src="{figure}"></p>')
     else:
         parts.append('<p class="muted">No per-image predictions (predictions.csv) in this run: it was logged '
                      "before they were, so there are no curves, score histogram or misses to show.</p>")
@@ -142,14 +146,14 @@ def run_section(table: Table, row: Row, found: RunArtifacts, open_: bool) -> str
         parts.append('<p class="muted">PRO curve: the run stores no per-pixel maps to draw it from (only its '
                      f"area, AUPRO {cell(row.metrics['pixel_AUPRO'])}).</p>")
     if found.predictions is not None:
-        parts.append(gallery(found))
+        parts.append(gallery(found, threshold))
     return "\n".join(parts) + "</details>"
 
 
 def page(experiment: str, tables: list[Table], client, where: str, sweep: str | None) -> str:
     """The whole page for the tables of one experiment (their runs' artifacts fetched from ``client``)."""
     shown = [(table, row) for table in tables for row in table.rows if row.run is not None]
-    with tempfile.TemporaryDirectory(prefix="ad-report-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="ad-report-") as scratch, quiet_downloads():
         runs = [run_section(table, row, fetch(client, row.run_id, Path(scratch)), open_=i == 0)
                 for i, (table, row) in enumerate(shown)]
     scope = f"sweep {sweep}" if sweep else "all runs"

@@ -60,26 +60,28 @@ def sweep_figure(table: Table) -> str | None:
         return data_uri(figure)
 
 
-def run_figure(pred: Predictions, threshold: float | None) -> str:
-    """Image-level ROC and precision-recall curves with the operating point, and the scores of good vs defective."""
+def run_figure(pred: Predictions, threshold: float | None, name: str = "threshold") -> str:
+    """Image-level ROC and precision-recall curves with the operating point (``name``d in the legends), and the
+    scores of good vs defective images with the threshold."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     with matplotlib.rc_context(STYLE):
         figure, (roc, pr, hist) = new_figure(9.6, 2.6, 3)
         both = 0 < pred.target.sum() < len(pred.target)
-        flagged = pred.score >= threshold if threshold is not None else pred.label.astype(bool)
+        flagged = pred.flagged(threshold)
         if both:
             fpr, tpr, _ = roc_curve(pred.target, pred.score)
             roc.plot(fpr, tpr, color=DEFECT, lw=1.5)
             precision, recall, _ = precision_recall_curve(pred.target, pred.score)
             pr.plot(recall, precision, color=DEFECT, lw=1.5)
-            tp = np.sum(flagged & (pred.target == 1))
-            roc.plot(np.mean(flagged[pred.target == 0]), np.mean(flagged[pred.target == 1]), "o", color=MARK,
-                     label="threshold")
-            if flagged.any():
-                pr.plot(tp / pred.target.sum(), tp / flagged.sum(), "o", color=MARK, label="threshold")
             roc.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8, ls="--")
-            roc.legend(fontsize=7, frameon=False, loc="lower right")
+            if flagged is not None:
+                tp = np.sum(flagged & (pred.target == 1))
+                roc.plot(np.mean(flagged[pred.target == 0]), tp / pred.target.sum(), "o", color=MARK, label=name)
+                roc.legend(fontsize=7, frameon=False, loc="lower right")
+                if flagged.any():
+                    pr.plot(tp / pred.target.sum(), tp / flagged.sum(), "o", color=MARK, label=name)
+                    pr.legend(fontsize=7, frameon=False, loc="lower left")
         else:
             for ax in (roc, pr):
                 ax.text(0.5, 0.5, "needs good and defective\ntest images", ha="center", va="center")
@@ -90,7 +92,7 @@ def run_figure(pred: Predictions, threshold: float | None) -> str:
         hist.hist(pred.score[pred.target == 0], bins=bins, color=GOOD, alpha=0.6, label="good")
         hist.hist(pred.score[pred.target == 1], bins=bins, color=DEFECT, alpha=0.6, label="defective")
         if threshold is not None:
-            hist.axvline(threshold, color=MARK, ls="--", lw=1.2, label="threshold")
+            hist.axvline(threshold, color=MARK, ls="--", lw=1.2, label=name)
         hist.set(title="Image scores", xlabel="score", ylabel="images")
         hist.legend(fontsize=7, frameon=False)
         return data_uri(figure)

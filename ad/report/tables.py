@@ -84,7 +84,7 @@ class Table:
         return [(s, *self.average([r for r in self.rows if r.setting == s])) for s in self.settings()]
 
     def best(self) -> set[tuple[int, str]]:
-        """(row index, metric) of the highest value of each metric within each category that has several rows."""
+        """(row index, metric) of the highest value of each metric within each category, where its rows differ."""
         marked = set()
         by_category: dict[str, list[int]] = defaultdict(list)
         for i, row in enumerate(self.rows):
@@ -92,9 +92,9 @@ class Table:
         for indices in by_category.values():
             for key in COLUMNS.values():
                 have = [i for i in indices if key in self.rows[i].metrics]
-                if len(have) > 1:
-                    top = max(self.rows[i].metrics[key] for i in have)
-                    marked |= {(i, key) for i in have if self.rows[i].metrics[key] == top}
+                values = [self.rows[i].metrics[key] for i in have]
+                if len(set(values)) > 1:
+                    marked |= {(i, key) for i, value in zip(have, values, strict=True) if value == max(values)}
         return marked
 
 
@@ -251,7 +251,7 @@ def comparison_grids(table: Table) -> tuple[list[Grid], list[str]]:
     averages = Grid("Average per setting (over the categories that have the metric):",
                     [*table.varied, "Categories", *COLUMNS], len(table.varied))
     for setting, means, counts in per_setting:
-        bold = {k for k in means if len(per_setting) > 1
+        bold = {k for k in means if len({m[k] for _, m, _ in per_setting if k in m}) > 1
                 and means[k] == max(m[k] for _, m, _ in per_setting if k in m)}
         averages.rows.append(plain(*setting, str(max(counts.values(), default=0))) + metric_cells(means, bold))
     return [rows, averages], list(table.notes)
