@@ -254,7 +254,7 @@ def operating_point_metrics(
             metrics["image_recall"] = float(flagged[bad].double().mean())
             metrics["image_false_accept_rate"] = 1.0 - metrics["image_recall"]
         if flagged.any() and bad.any():
-            metrics["image_precision"] = float((flagged & bad).sum() / flagged.sum())
+            metrics["image_precision"] = int((flagged & bad).sum()) / int(flagged.sum())
     if pixel_threshold is not None and maps is not None and masks is not None and bool(torch.as_tensor(masks).any()):
         truth = torch.as_tensor(masks).bool()
         predicted = torch.as_tensor(maps) >= pixel_threshold

@@ -29,13 +29,17 @@ from tqdm import tqdm
 import ad
 from ad.allocator import keep_freed_memory
 from ad.backbone import FeatureExtractor, resolve_precision
+from ad.bundle import method_settings, save_bundle
 from ad.cache import DiskCache
 from ad.data import collate, denormalize
 from ad.errors import ADError, ConfigError, one_line, out_of_space
-from ad.metrics import compute_metrics
+from ad.metrics import compute_metrics, operating_point_metrics
 from ad.models import AnomalyModel
 from ad.models.base import TrainableModel
+from ad.predictions import FILE as PREDICTIONS
+from ad.predictions import labels_at, write_predictions
 from ad.sweep import sweep_tags
+from ad.thresholds import Threshold, calibrate, calibrate_pixels
 from ad.tracking import BackgroundTracker, StoreError, check_tracking, store_folder
 from ad.trainer import (
     Trainer,
@@ -128,6 +132,71 @@ def score(model: AnomalyModel, loader: DataLoader, device: torch.device, keep_ma
         scores=torch.cat(scores), labels=torch.cat(labels),
         maps=torch.cat(maps) if keep_maps else None, masks=torch.cat(masks) if keep_maps else None,
     )
+
+
+def set_thresholds(settings: DictConfig, model: AnomalyModel, loader: DataLoader | None,
+                   device: torch.device) -> tuple[Threshold | None, Threshold | None]:
+    """The image and pixel operating thresholds, from the validation split's scores and maps (never the test split)."""
+    outputs = score(model, loader, device, keep_maps=model.produces_maps) if loader is not None else None
+    image = calibrate(settings, None if outputs is None else outputs.scores.numpy(),
+                      None if outputs is None else outputs.labels.numpy())
+    good_maps = None
+    if outputs is not None and outputs.maps is not None:
+        good_maps = outputs.maps[outputs.labels == 0].numpy()
+    pixel = calibrate_pixels(settings, good_maps) if model.produces_maps else None
+    return image, pixel
+
+
+def threshold_results(image: Threshold | None, pixel: Threshold | None) -> dict:
+    """The thresholds as results: their values, and how far the image one can be trusted."""
+    results = {}
+    if image is not None:
+        results.update(image_threshold=image.value, threshold_method=image.method)
+        if image.false_reject_rate_bound is not None:
+            results.update(image_threshold_frr_bound=round(image.false_reject_rate_bound, 4),
+                           n_val_good=image.n_calibration)
+    if pixel is not None:
+        results["pixel_threshold"] = pixel.value
+    return results
+
+
+def save_predictions(run_dir: Path, dataset, outputs: TestOutputs, threshold: Threshold | None) -> Path:
+    """``predictions.csv``: every test image's score, label at the operating threshold and ground truth."""
+    scores = outputs.scores.numpy()
+    return write_predictions(run_dir / PREDICTIONS, {
+        "path": [str(sample.image) for sample in dataset.test],
+        "score": scores.tolist(),
+        "label": labels_at(scores, None if threshold is None else threshold.value),
+        "target": [sample.label for sample in dataset.test],
+        "defect": [sample.defect for sample in dataset.test],
+    })
+
+
+def bundle_meta(cfg: DictConfig, model: AnomalyModel, model_name: str, dataset, precision: str,
+                thresholds: tuple[Threshold | None, Threshold | None], results: dict) -> dict:
+    """What the model bundle records besides the tensors: enough to rebuild, preprocess and judge the model."""
+    from ad.data import IMAGENET_MEAN, IMAGENET_STD
+
+    target, settings = method_settings(cfg.model)
+    uses_backbone = model.weights_source != "none"
+    backbone = None
+    if uses_backbone or "backbone" in settings:
+        backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
+                    "channels_last": bool(cfg.trainer.channels_last)}
+    image, pixel = thresholds
+    return {
+        "method": {"name": model_name, "class": target, "settings": settings},
+        "backbone": backbone, "weights_source": model.weights_source, "precision": precision,
+        "produces_maps": bool(model.produces_maps),
+        "preprocessing": {"image_size": dataset.image_size, "resize": "bilinear, antialiased, aspect ratio not kept",
+                          "color": "RGB", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "thresholds": {"image": None if image is None else image.to_dict(),
+                       "pixel": None if pixel is None else pixel.to_dict()},
+        "metrics": {key: value for key, value in results.items() if isinstance(value, float)},
+        "training": {"dataset": results["dataset"], "category": results["category"],
+                     "fingerprint": dataset.fingerprint(), "n_train": len(dataset.train),
+                     "n_val": len(dataset.val), "seed": int(cfg.seed)},
+    }
 
 
 def evaluate(model: AnomalyModel, loader: DataLoader, device: torch.device, keep_maps: bool) -> dict:
@@ -319,23 +388,38 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             tracker.log_model(model)  # a copy, stored in the background while the test split is scored
 
             start = time.perf_counter()
+            val_loader = make_loader(dataset.val_set(cache), cfg.trainer, device) if dataset.val else None
+            image_threshold, pixel_threshold = set_thresholds(cfg.threshold, model, val_loader, device)
+            calibrate_s = time.perf_counter() - start
+
+            start = time.perf_counter()
             outputs = score(model, test_loader, device, keep_maps)
             metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
+            metrics.update(operating_point_metrics(
+                outputs.scores, outputs.labels, None if image_threshold is None else image_threshold.value,
+                outputs.maps, outputs.masks, None if pixel_threshold is None else pixel_threshold.value))
             test_s = time.perf_counter() - start
 
         uses_backbone = model.weights_source != "none"  # GANomaly learns from pixels: no backbone to name
         backbone_name = cfg.backbone.name if uses_backbone else "none"
         results = {
-            **metrics, "fit_s": round(fit_s, 3), "test_s": round(test_s, 3), "weights": model.weights_source,
+            **metrics, **threshold_results(image_threshold, pixel_threshold), "fit_s": round(fit_s, 3),
+            "calibrate_s": round(calibrate_s, 3), "test_s": round(test_s, 3), "weights": model.weights_source,
             "model": model_name, "backbone": backbone_name,
             "weights_tag": cfg.backbone.get("tag") if uses_backbone else None,
             "dataset": dataset_name, "category": dataset.category, "image_size": dataset.image_size,
-            "n_train": len(dataset.train), "n_test": len(dataset.test), "device": str(device),
+            "n_train": len(dataset.train), "n_val": len(dataset.val), "n_test": len(dataset.test),
+            "device": str(device),
             "precision": precision, "seed": int(cfg.seed), "ad_version": ad.__version__, **trained,
         }
         tracker.set_tags({"ad.weights": model.weights_source, "ad.backbone": backbone_name,
                           "ad.category": dataset.category})  # as the dataset names it (BTAD 1 -> 01)
-        tracker.log_metrics({k: float(v) for k, v in results.items() if k in metrics or k.endswith("_s")})
+        tracker.log_metrics({k: float(v) for k, v in results.items()
+                             if k in metrics or k.endswith(("_s", "_threshold", "_bound"))})
+        save_predictions(run_dir, dataset, outputs, image_threshold)
+        save_bundle(run_dir / "model", model, bundle_meta(
+            cfg, model, model_name, dataset, precision, (image_threshold, pixel_threshold), results))
+        tracker.log_artifact(run_dir / PREDICTIONS)
         log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)
         tracker.wait()
         if cache is not None:

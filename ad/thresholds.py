@@ -31,6 +31,7 @@ class Threshold:
     n_calibration: int = 0  # good scores it was set on (images, or pixels)
     target_false_reject_rate: float | None = None
     false_reject_rate_bound: float | None = None  # true rate <= this with CONFIDENCE (exchangeable images)
+    lowest: float | None = None  # the lowest calibration score: the floor of a heat map's colour scale
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,4 +133,4 @@ def calibrate_pixels(settings, good_maps: np.ndarray | None) -> Threshold | None
     n = len(pixels)
     k = order_statistic_rank(n, rate)
     value = np.partition(pixels, k - 1)[k - 1]  # one partial sort: millions of pixels
-    return Threshold(just_above(value), "false_reject_rate", n, rate, None)
+    return Threshold(just_above(value), "false_reject_rate", n, rate, None, float(pixels.min()))

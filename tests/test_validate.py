@@ -18,7 +18,6 @@ from mlflow import MlflowClient
 from ad.data import make_mvtec_layout
 from ad.data.io import list_images
 from ad.errors import ADError, ConfigError
-from ad.run import run
 from ad.validate import check_config
 
 TINY_SYNTHETIC = ["dataset.n_train=12", "dataset.n_test_good=6", "dataset.n_test_defect=6"]
@@ -111,14 +110,6 @@ def widget(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mvtec")
     make_mvtec_layout(root, "widget", n_train=6, n_test_good=3, n_test_defect=3, image_size=32, seed=0)
     return root / "widget"
-
-
-def test_a_test_split_without_defects_is_rejected_before_the_run(widget, tmp_path, tracking_uri):
-    cfg = compose_config(*TINY, "dataset=folder", f"dataset.normal_dir={widget / 'train' / 'good'}",
-                         f"tracking.uri={tracking_uri}")
-    with pytest.raises(ConfigError, match=r"no defective images.*dataset\.abnormal_dir="):
-        run(cfg, tmp_path / "run")
-    assert not runs_in(tracking_uri) and not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_a_dangling_symlink_among_the_images_is_named(widget, tmp_path):

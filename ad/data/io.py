@@ -218,6 +218,11 @@ def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
         return _rgb_array(image, size)
 
 
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 RGB (H, W, 3) array resized exactly as :func:`read_image` resizes a file's pixels."""
+    return _rgb_array(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)), size)
+
+
 def read_mask(path: str | Path, size: int | None = None) -> np.ndarray:
     """Read a ground-truth mask as bool (H, W), optionally nearest-resized: any value > 0 is defect.
 

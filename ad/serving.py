@@ -1,0 +1,96 @@
+"""A model bundle as an MLflow model: ``mlflow.pyfunc.load_model(uri).predict(...)`` and ``mlflow models serve``.
+
+The logged model is "models from code" (``ad/serving_model.py``), the bundle folder an artifact and
+``ad``'s own source a code path, so nothing is pickled and the model installs elsewhere from its
+listed requirements. ``predict`` takes a list of image paths, a DataFrame with a ``path`` column, or
+a uint8 (N, H, W, 3) image batch, and returns a DataFrame with ``score`` and ``label``, one row per image.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, requires, version
+from pathlib import Path
+
+import numpy as np
+
+import mlflow.pyfunc
+
+#: Packages the served model imports, pinned to the versions that wrote it.
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "scipy", "pandas",
+                    "kornia", "faiss-cpu", "scikit-learn", "imagecodecs", "xxhash", "tqdm", "matplotlib")
+
+
+def requirements() -> list[str]:
+    """pip requirements of the served model: ``ad``'s dependencies at the installed versions."""
+    names = [entry.split(";")[0].split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip()
+             for entry in (requires("ad") or []) if "extra ==" not in entry]
+    pinned = []
+    for name in dict.fromkeys([*SERVING_PACKAGES, *names]):
+        if name in ("hydra-core", "omegaconf", "mlflow"):  # training and tracking only; MLflow adds itself
+            continue
+        try:
+            pinned.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return pinned
+
+
+class BundleModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc face of a bundle: images in, a score and a label per image out."""
+
+    def load_context(self, context) -> None:
+        from ad.bundle import load_bundle
+
+        self.bundle = load_bundle(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from ad.predict import read_images, score_images
+        from ad.predictions import labels_at
+
+        images = as_images(model_input, self.bundle.image_size, read_images)
+        scores, _ = score_images(self.bundle, images, "cpu")
+        labels = labels_at(scores, self.bundle.image_threshold)
+        return pd.DataFrame({"score": scores.astype(np.float64), "label": labels})
+
+
+def as_images(model_input, size: int, read_images) -> np.ndarray:
+    """uint8 (N, size, size, 3) images from paths, a DataFrame with ``path``, or an image batch."""
+    import pandas as pd
+
+    from ad.data.io import resize_image
+    from ad.errors import ADError
+
+    if isinstance(model_input, pd.DataFrame):
+        if "path" not in model_input.columns:
+            raise ADError(f"input DataFrame needs a 'path' column, got {list(model_input.columns)}")
+        model_input = model_input["path"].tolist()
+    if isinstance(model_input, (list, tuple)) and model_input and isinstance(model_input[0], (str, Path)):
+        paths = [Path(p) for p in model_input]
+        good, images, errors = read_images(paths, size)
+        if errors:
+            raise ADError(f"{len(errors)} of {len(paths)} images could not be read; first: {errors[0]}")
+        return np.stack(images)
+    batch = np.asarray(model_input)
+    if batch.ndim == 3:
+        batch = batch[None]
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ADError(f"images must be a uint8 (N, H, W, 3) batch, got shape {batch.shape}")
+    batch = batch.astype(np.uint8) if batch.dtype != np.uint8 and np.all(batch == np.round(batch)) else batch
+    if batch.dtype != np.uint8:
+        raise ADError(f"images must be uint8 RGB values 0..255, got {batch.dtype}")
+    if batch.shape[1:3] != (size, size):
+        batch = np.stack([resize_image(image, size) for image in batch])
+    return batch
+
+
+def log_bundle(bundle_dir: Path, name: str, run_id: str | None = None):
+    """Log ``bundle_dir`` as the run's MLflow model ``name`` (models from code; nothing pickled)."""
+    import ad
+
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(Path(__file__).with_name("serving_model.py")),
+        artifacts={"bundle": str(bundle_dir)}, code_paths=[str(Path(ad.__file__).parent)],
+        pip_requirements=requirements(), run_id=run_id,
+    )
