@@ -11,7 +11,6 @@ A sweep (``-m``) runs every job even when some fail, then lists the failed ones 
 from __future__ import annotations
 
 import difflib
-import gc
 import itertools
 import logging
 import os
@@ -25,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ad.errors import ADError, ConfigError, one_line
-from ad.prefetch import prefetch_images
+from ad.runtime import applied
 from ad.signals import Stopped, stop_signals
 from ad.sweep import current_sweep_dir, in_multirun, record_failure, summarize
 
@@ -226,7 +225,7 @@ def expand_all_categories(args: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    with prefetch_images(cfg):  # images decode on the idle core while the imports below take the other
+    with applied(cfg):  # the runtime group's process tuning: only the command line's own processes get it
         return run_job(cfg)
 
 
@@ -254,20 +253,15 @@ def claim_command_start() -> float | None:
 
 def run_job(cfg: DictConfig) -> float | None:
     """One run (a sweep job, or the whole command): its result for a sweeper, or None if it failed."""
-    import ad.run  # heavy imports (torch, mlflow) only once the config is known to be valid
-    from ad.run import RESULT_KEYS, run
+    from ad.run import RESULT_KEYS, format_table, run  # torch only once the config is known to be valid
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     metric = str(cfg.get("optimized_metric", "image_AUROC"))
     try:
         if metric not in RESULT_KEYS:  # a typo would otherwise fail every sweep trial, silently
             raise ADError(f"optimized_metric: '{metric}' is not a result; use one of {', '.join(RESULT_KEYS)}")
-        ad.run.command_started = claim_command_start()
-        try:
-            with stop_signals():  # SIGTERM and SLURM preemption end the run as Ctrl-C does
-                results = run(cfg, output_dir)
-        finally:
-            ad.run.command_started = None  # taken by run(); never left for a later one
+        with stop_signals():  # SIGTERM and SLURM preemption end the run as Ctrl-C does
+            results = run(cfg, output_dir, started=claim_command_start())
     except Exception as exc:
         if not in_multirun():
             if not isinstance(exc, ADError):
@@ -285,6 +279,7 @@ def run_job(cfg: DictConfig) -> float | None:
         print(f"error: {message}", file=sys.stderr, flush=True)
         record_failure(output_dir, message)
         return None  # Optuna counts a None as a failed trial and goes on
+    print(format_table(results), flush=True)
     return results.get(metric)  # None where the method has no such result (pixel metrics without maps)
 
 
@@ -306,9 +301,6 @@ def main() -> None:
         launch()
     finally:
         _command_started = None
-        # Interpreter shutdown would garbage-collect every object torch, timm and MLflow created
-        # (about 2 s here); frozen objects are skipped, and atexit handlers still run.
-        gc.freeze()
 
 
 def launch() -> None:

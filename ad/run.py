@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import ad
-from ad.allocator import keep_freed_memory
 from ad.backbone import FeatureExtractor, resolve_precision
 from ad.bundle import method_settings, save_bundle
 from ad.cache import DiskCache
@@ -58,9 +57,6 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO")
 #: Results a sweeper may optimise (``optimized_metric``).
 RESULT_KEYS = (*METRIC_KEYS, "fit_s", "test_s", "total_s")
-#: ``time.perf_counter()`` when the command began, set by ``ad.launch`` for the first job of its process;
-#: ``run`` takes it (once) so that total_s includes start-up, and otherwise counts from its own start.
-command_started: float | None = None
 
 
 @dataclass
@@ -100,14 +96,15 @@ def make_loader(dataset: torch.utils.data.Dataset, trainer: DictConfig, device: 
     )
 
 
-def open_cache(trainer: DictConfig) -> DiskCache | None:
-    """The on-disk cache of decoded images and backbone features, unless turned off (read only where unwritable)."""
-    if not trainer.get("feature_cache", False):
+def open_cache(runtime: DictConfig | None) -> DiskCache | None:
+    """The on-disk cache of decoded images and backbone features (``runtime.feature_cache``, off without a
+    runtime group), read only where unwritable."""
+    if not runtime or not runtime.get("feature_cache", False):
         return None
-    max_gb = float(trainer.cache_max_gb)
+    max_gb = float(runtime.cache_max_gb)
     if max_gb <= 0:
-        raise ADError(f"trainer.cache_max_gb: {max_gb} must be positive; trainer.feature_cache=false turns it off")
-    cache = DiskCache(trainer.get("cache_dir"), max_gb=max_gb)
+        raise ADError(f"runtime.cache_max_gb: {max_gb} must be positive; runtime.feature_cache=false turns it off")
+    cache = DiskCache(runtime.get("cache_dir"), max_gb=max_gb)
     cache.check_writable()  # a full or read-only folder: one warning, and the run goes on without storing
     return cache
 
@@ -330,14 +327,16 @@ def failure(exc: BaseException) -> str:
     return text if isinstance(exc, ADError) else f"{type(exc).__name__}: {text}"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Fit and evaluate one model on one dataset; return the results also written to metrics.json."""
-    global command_started
-    started, command_started = command_started or time.perf_counter(), None
+def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
+    """Fit and evaluate one model on one dataset; return the results also written to metrics.json.
+
+    Prints nothing and changes nothing process-wide (the command line tunes its own process,
+    ``ad.runtime``). ``started``: the ``time.perf_counter()`` the whole command began at, so that
+    total_s counts its start-up; by default total_s counts from this call.
+    """
+    started = time.perf_counter() if started is None else started
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
-    if cfg.trainer.get("keep_freed_memory", True):
-        keep_freed_memory()
     choices = choice_names(cfg)
     model_name, dataset_name = choices["model"], choices["dataset"]
     category = str(cfg.dataset.get("category", dataset_name))
@@ -364,7 +363,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tracker.start(cfg, run_dir, run_name=run_name, tags=tags,
                   resume_run_id=checkpoint_run_id(resume_from) if resume_from else None)
     try:
-        cache = open_cache(cfg.trainer)
+        cache = open_cache(cfg.get("runtime"))
         if model is None:
             model = make_model(cfg, device, precision)
         for extractor in (m for m in model.modules() if isinstance(m, FeatureExtractor)):
@@ -441,5 +440,4 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.end("FAILED", error=failure(exc))
         raise
     tracker.end("FINISHED")
-    print(format_table(results), flush=True)
     return results

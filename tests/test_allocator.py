@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from ad.allocator import keep_freed_memory
+from ad.runtime import allocator
+from ad.runtime.allocator import keep_freed_memory
 
 BLOCK = 64 * 2**20  # larger than glibc's largest adaptive mmap threshold (32 MB)
 
@@ -29,6 +30,7 @@ def mallinfo() -> MallInfo2:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_large_tensor_comes_from_the_heap_and_stays_there_when_freed():
     assert keep_freed_memory()
+    assert allocator.kept_limit == allocator.HEAP_BLOCK_LIMIT  # what the process's malloc now does
     before = mallinfo()
     tensor = torch.ones(BLOCK // 4)
     during = mallinfo()
@@ -38,17 +40,3 @@ def test_a_large_tensor_comes_from_the_heap_and_stays_there_when_freed():
     after = mallinfo()
     assert after.arena >= during.arena  # not trimmed: the next batch reuses these pages, no page faults
     assert after.fordblks >= BLOCK  # and they are free for it
-
-
-@pytest.mark.parametrize("keep", [True, False])
-def test_the_run_applies_the_setting_only_when_asked(tmp_path, monkeypatch, keep):
-    from helpers import TINY, compose_config
-
-    import ad.run
-
-    calls = []
-    monkeypatch.setattr(ad.run, "keep_freed_memory", lambda: calls.append(True))
-    cfg = compose_config(*TINY, "tracking=none", "dataset.n_train=4", "dataset.n_test_good=2",
-                         "dataset.n_test_defect=2", f"trainer.keep_freed_memory={str(keep).lower()}")
-    ad.run.run(cfg, tmp_path)
-    assert calls == ([True] if keep else [])

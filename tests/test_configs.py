@@ -25,7 +25,7 @@ def test_root_defaults_are_the_documented_ones():
     assert cfg.tracking._target_.endswith("MLflowTracker")
 
 
-@pytest.mark.parametrize("group", ["backbone", "dataset", "trainer", "tracking"])
+@pytest.mark.parametrize("group", ["backbone", "dataset", "trainer", "runtime", "tracking"])
 def test_every_option_composes(group):
     for option in options(group):
         cfg = compose_with(f"{group}={option}")

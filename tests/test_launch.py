@@ -147,7 +147,7 @@ def test_errors_raised_in_loader_workers_stay_one_line(tmp_path, mvtec_root):
     victim = sorted((root / "widget" / "train" / "good").iterdir())[0]
     victim.write_bytes(b"not an image")
     result = launch(tmp_path, "dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "tracking=none",
-                    "trainer.num_workers=1", "trainer.feature_cache=false", *TINY, f"hydra.run.dir={tmp_path}/run")
+                    "trainer.num_workers=1", "runtime.feature_cache=false", *TINY, f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 1
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and victim.name in error_lines[0] and "Traceback" not in result.stderr
