@@ -25,7 +25,7 @@ MISSES = 4
 OVERLAY_WIDTH, JPEG_QUALITY = 560, 82
 #: Operating-point metrics shown when a run logged them: name -> label.
 OPERATING = {"image_threshold": "image threshold", "pixel_threshold": "pixel threshold",
-             "image_precision": "precision", "image_recall": "recall",
+             "image_precision": "image precision", "image_recall": "image recall",
              "image_false_reject_rate": "false reject rate", "image_false_accept_rate": "false accept rate",
              "image_threshold_frr_bound": "false reject rate, 95% bound",
              "fit_s": "fit s", "test_s": "test s", "total_s": "whole command s"}
@@ -42,7 +42,7 @@ details{border:1px solid #e3e3e3;border-radius:6px;margin:10px 0;padding:6px 12p
 summary{cursor:pointer;font-weight:600}
 .facts{display:grid;grid-template-columns:repeat(3,max-content minmax(0,1fr));gap:2px 12px;margin:8px 0}
 .facts dt{color:#777}.facts dd{margin:0;overflow-wrap:anywhere}
-.gallery{display:flex;flex-wrap:wrap;gap:10px}.gallery figure{margin:0;width:272px}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}.gallery figure{margin:0;width:272px}.gallery img{width:100%}
 .gallery figcaption{font-size:12px}.card{border:1px dashed #ccc;padding:8px;font-size:12px;width:256px}
 """
 

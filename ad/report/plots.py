@@ -25,7 +25,7 @@ def data_uri(figure: Figure) -> str:
     """The figure as an SVG data URI."""
     out = io.BytesIO()
     with matplotlib.rc_context(STYLE):
-        figure.savefig(out, format="svg", bbox_inches="tight", metadata={"Date": None})
+        figure.savefig(out, format="svg", metadata={"Date": None})  # laid out already (constrained)
     return "data:image/svg+xml;base64," + base64.b64encode(out.getvalue()).decode()
 
 
@@ -56,7 +56,8 @@ def sweep_figure(table: Table) -> str | None:
             ax.set_xticks(x, labels, rotation=30 if max(map(len, labels)) > 6 else 0, ha="right")
             ax.set_xlabel(" · ".join(table.varied))
             ax.grid(alpha=0.3)
-        axes[-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+        handles, names = axes[-1].get_legend_handles_labels()
+        figure.legend(handles, names, fontsize=7, frameon=False, loc="outside right center")
         return data_uri(figure)
 
 
