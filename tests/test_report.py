@@ -88,14 +88,17 @@ def test_categories_never_run_show_as_blank_rows(store, tmp_path, monkeypatch):
 
 
 def test_command_line_prints_and_writes(store, tmp_path, capsys):
-    main(["--experiment", "bench", "--tracking-uri", store[0], "--out", str(tmp_path / "out")])
+    main(["--experiment", "bench", "--tracking-uri", store[0], "--out", str(tmp_path / "out"), "--html"])
     assert "### toy · padim" in capsys.readouterr().out
     assert (tmp_path / "out" / "bench.md").is_file() and (tmp_path / "out" / "bench.csv").is_file()
+    page = (tmp_path / "out" / "bench.html").read_text()  # runs with metrics only: their tables and facts
+    assert page.count("<details") == 3 and "No per-image predictions" in page and "<img" not in page
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--experiment", "nope"], "no experiment named 'nope'; available: Default, bench"),
     (["--experiment", "bench", "--sweep", "2020-01-01_00-00-00"], "no ad runs in sweep"),
+    (["--experiment", "bench", "--html", "."], "--html .: is a folder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(store, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

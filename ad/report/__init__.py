@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         experiment = args.experiment or default_experiment()
         html = args.out / f"{safe_stem(experiment)}.html" if args.html is True else args.html
+        if html is not None and html.is_dir():
+            raise ADError(f"--html {html}: is a folder; give a file name (report.html) or no name for {args.out}/")
         text = report(experiment, args.tracking_uri, args.out, args.sweep, html)
     except ADError as exc:
         print(f"error: {exc}", file=sys.stderr)
