@@ -336,16 +336,19 @@ class FeatureExtractor(nn.Module):
         Entries hold the features in the dtype the backbone computed them in (bf16 under bf16
         autocast): half the bytes to write and read, and the same fp32 values once converted.
         """
-        keys = pixel_digests(images, "features", self.identity())
-        found = [self.cache.load("features", key) for key in keys]
-        missing = [i for i, entry in enumerate(found) if entry is None]
-        if missing:
-            computed = self.compute(images if len(missing) == len(keys) else images[missing])
-            for j, i in enumerate(missing):  # clone: saving a view would write the whole batch's storage
-                found[i] = [level[j].detach().cpu().clone() for level in computed]
-                self.cache.save_async("features", keys[i], found[i])
-            if len(missing) == len(keys):  # nothing was cached: the batch as computed, not restacked
-                return computed
+        from ad.ops.cached import lookup_or_compute
+
+        keys, batch = pixel_digests(images, "features", self.identity()), []
+
+        def compute(missing: list[int]) -> list[list[torch.Tensor]]:
+            batch.append(self.compute(images if len(missing) == len(keys) else images[missing]))
+            # clone: saving a view would write the whole batch's storage
+            return [[level[j].detach().cpu().clone() for level in batch[0]] for j in range(len(missing))]
+
+        found, missing = lookup_or_compute(keys, lambda key: self.cache.load("features", key), compute,
+                                           lambda key, entry: self.cache.save_async("features", key, entry))
+        if len(missing) == len(keys):  # nothing was cached: the batch as computed, not restacked
+            return batch[0]
         return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
 
     @torch.no_grad()

@@ -94,6 +94,16 @@ def test_pickle_round_trip(norm):
     torch.testing.assert_close(pickle.loads(pickle.dumps(model))(images).scores, model(images).scores)
 
 
+@pytest.mark.parametrize("which", ["scale", "norm"])
+def test_settings_and_state_rebuild_the_fitted_model(which, request):
+    model, _ = request.getfixturevalue(which)
+    fresh = Dfkde(backbone=BACKBONE, feature_scaling_method=which)
+    fresh.load_fitted_state(model.state_dict())
+    images = torch.randn(3, 3, 32, 32)
+    assert torch.equal(model.log_density(images), fresh.log_density(images))
+    assert torch.equal(model(images).scores, fresh(images).scores)
+
+
 @pytest.mark.parametrize(("kwargs", "key"), [
     ({"feature_scaling_method": "minmax"}, "model.feature_scaling_method"),
     ({"n_pca_components": 600}, "model.n_pca_components"),

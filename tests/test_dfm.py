@@ -11,7 +11,7 @@ from scipy.stats import multivariate_normal
 from sklearn.decomposition import PCA
 
 from ad.errors import ADError
-from ad.models.dfm import Dfm, component_count, fit_pca
+from ad.models.dfm import Dfm
 from ad.run import run
 
 DEVICE = torch.device("cpu")
@@ -38,29 +38,6 @@ def fre():
 @pytest.fixture(scope="module")
 def nll():
     return fitted_model("nll")
-
-
-def decaying_features(n: int = 60, d: int = 40) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return rng.standard_normal((n, d)) * np.geomspace(10, 0.1, d) + rng.standard_normal(d)
-
-
-def test_component_count_is_one_fewer_than_sklearn():
-    x = decaying_features()
-    singular_values = torch.linalg.svdvals(torch.from_numpy(x - x.mean(0)))
-    for level in (0.5, 0.9, 0.97, 0.999):
-        assert component_count(singular_values, level) == PCA(n_components=level).fit(x).n_components_ - 1
-
-
-@pytest.mark.parametrize(("n", "d"), [(30, 80), (80, 30)])  # N×N and D×D Gram matrices
-def test_pca_matches_sklearn(n, d):
-    x = decaying_features(n, d)
-    mean, components, singular_values = fit_pca(torch.from_numpy(x).float(), 0.97)
-    reference = PCA(n_components=components.shape[1]).fit(x)
-    np.testing.assert_allclose(mean.numpy(), reference.mean_, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(singular_values.numpy(), reference.singular_values_, rtol=1e-5)
-    overlap = np.abs(components.double().numpy().T @ reference.components_.T)  # same axes up to sign
-    np.testing.assert_allclose(overlap, np.eye(components.shape[1]), atol=1e-4)
 
 
 def test_fre_is_distance_to_the_sklearn_pca_subspace(fre):
@@ -113,6 +90,17 @@ def test_pickle_round_trip(which, request):
     clone = pickle.loads(pickle.dumps(model))
     assert clone.produces_maps == model.produces_maps
     torch.testing.assert_close(clone(images).scores, model(images).scores)
+
+
+@pytest.mark.parametrize("which", ["fre", "nll"])
+def test_settings_and_state_rebuild_the_fitted_model(which, request):
+    model, _ = request.getfixturevalue(which)
+    fresh = Dfm(backbone=BACKBONE, pooling_kernel_size=2, score_type=which)
+    fresh.load_fitted_state(model.state_dict())
+    images = torch.randn(3, 3, 64, 64)
+    before, after = model(images), fresh(images)
+    assert torch.equal(before.scores, after.scores)
+    assert (before.maps is None and after.maps is None) or torch.equal(before.maps, after.maps)
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [

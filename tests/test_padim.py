@@ -123,6 +123,15 @@ def test_scores_do_not_depend_on_the_batch(fitted):
     torch.testing.assert_close(alone, together.scores, rtol=1e-5, atol=1e-5)
 
 
+def test_settings_and_state_rebuild_the_fitted_model(fitted):
+    model, _ = fitted
+    fresh = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=20)
+    fresh.load_fitted_state(model.state_dict())
+    images = torch.randn(3, 3, 64, 64)
+    before, after = model(images), fresh(images)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+
+
 def test_paper_channel_defaults_and_bounds():
     assert Padim(backbone={"name": "resnet18", "weights": "random"}).channel_idx.numel() == 100
     with pytest.raises(ADError, match="model.n_features"):

@@ -10,14 +10,7 @@ from helpers import compose_config
 import ad.models.patchcore as patchcore
 from ad.errors import ADError
 from ad.models.base import Prediction
-from ad.models.patchcore import (
-    Patchcore,
-    PrunedSearch,
-    jl_dim,
-    k_center_greedy,
-    sparse_random_projection,
-    torch_nearest,
-)
+from ad.models.patchcore import Patchcore
 from ad.postprocess import MapSmoother
 from ad.run import run
 
@@ -29,17 +22,6 @@ TINY = ["dataset.image_size=64", "trainer.batch_size=8", "backbone.weights=rando
 
 def make_cfg(*overrides: str):
     return compose_config("model=patchcore", *TINY, *overrides)
-
-
-def naive_k_center(features: torch.Tensor, k: int, start: int) -> list[int]:
-    """anomalib's KCenterGreedy loop, one point at a time in float64 with direct norms."""
-    features = features.double()
-    chosen, min_d = [start], torch.full((len(features),), torch.inf, dtype=torch.float64)
-    for _ in range(k - 1):
-        min_d = torch.minimum(min_d, torch.linalg.vector_norm(features - features[chosen[-1]], dim=1))
-        chosen.append(int(min_d.argmax()))
-        min_d[chosen[-1]] = 0
-    return chosen
 
 
 def anomalib_score(patches, bank, k):
@@ -66,30 +48,6 @@ def fitted():
     return model
 
 
-@pytest.mark.parametrize("clustered", [False, True])
-def test_coreset_is_the_naive_greedy_k_center(clustered, monkeypatch):
-    generator = torch.Generator().manual_seed(3)
-    features = torch.randn(1500, 24, generator=generator)
-    if clustered:  # real features are clustered: most rows are skipped by the triangle inequality
-        features = 0.3 * features + 4 * torch.randn(30, 24, generator=generator)[torch.arange(1500) % 30]
-    k, start = int(1500 * 0.1), 123
-    expected = naive_k_center(features, k, start)
-    chosen = k_center_greedy(features, k, start)
-    assert chosen.tolist() == expected and len(chosen) == k and chosen[0] == start
-    assert k_center_greedy(features, k, start, exhaustive=True).tolist() == expected  # the GPU way
-    monkeypatch.setattr(patchcore, "OPEN_ROWS_SHARE", -1.0)  # a faiss range search at every step
-    assert k_center_greedy(features, k, start).tolist() == expected
-
-
-def test_projection_matches_anomalib_sizes_and_entries():
-    assert jl_dim(61_440) == 272 and jl_dim(214_016) == 303  # anomalib's eps=0.9 sizes
-    matrix = sparse_random_projection(1536, 128, torch.Generator().manual_seed(0))
-    density, scale = 1536**-0.5, (1536**0.5 / 128) ** 0.5  # entries 0 or +-sqrt(1/density)/sqrt(out_dim)
-    nonzero = matrix[matrix != 0]
-    torch.testing.assert_close(nonzero.abs(), torch.full_like(nonzero, scale))
-    assert abs(nonzero.numel() / matrix.numel() - density) < 0.003 and abs((nonzero > 0).float().mean() - 0.5) < 0.02
-
-
 def test_memory_bank_is_a_seeded_coreset_of_training_patches():
     torch.manual_seed(0)
     images = torch.randn(6, 3, 64, 64)
@@ -103,11 +61,6 @@ def test_memory_bank_is_a_seeded_coreset_of_training_patches():
     exact = torch.cdist(bank, patches, compute_mode="donot_use_mm_for_euclid_dist")
     assert exact.min(1).values.max() < 1e-4  # every entry is a training patch
     assert torch.equal(bank, models[1].memory_bank) and not torch.equal(bank, models[2].memory_bank)
-
-
-def test_greedy_order_does_not_depend_on_k():
-    features = torch.randn(800, 16, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(k_center_greedy(features, 30, 7), k_center_greedy(features, 80, 7)[:30])
 
 
 def test_a_coreset_ratio_sweep_reuses_the_cached_greedy_order(tmp_path, monkeypatch):
@@ -181,65 +134,11 @@ def test_embedding_is_pooled_upsampled_and_concatenated(fitted):
     torch.testing.assert_close(fitted.embed(images), torch.cat([layer2, layer3], 1))
 
 
-def test_faiss_and_torch_search_equal_cdist():
-    generator = torch.Generator().manual_seed(0)
-    bank, queries = torch.randn(500, 48, generator=generator), torch.randn(300, 48, generator=generator)
-    model = Patchcore(backbone=RESNET18)
-    model.memory_bank = bank
-    expected = torch.cdist(queries, bank).min(1)
-    distances, nearest = model.nearest(queries)
-    torch.testing.assert_close(distances, expected.values, rtol=1e-4, atol=1e-4)
-    assert torch.equal(nearest, expected.indices)
-    squared, nearest = torch_nearest(queries, bank)  # the exact search of GPU runs without faiss-gpu
-    torch.testing.assert_close(squared.sqrt()[:, 0], expected.values, rtol=1e-4, atol=1e-4)
-    assert torch.equal(nearest[:, 0], expected.indices)
-    for kind in ("hnsw", "ivf"):  # approximate: never closer than exact, mostly the same neighbour
-        model.index_kind = kind
-        distances, nearest = model.nearest(queries)
-        assert (distances >= expected.values - 1e-4).all() and (nearest == expected.indices).float().mean() > 0.7
-
-
-def exact_search(bank):
-    return lambda queries: tuple(t[:, 0] for t in torch_nearest(queries, bank))
-
-
 def low_rank_rows(count: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     """Rows whose variance sits mostly in a few directions, as CNN patch features' does."""
     scales = torch.cat([torch.ones(6), torch.full((dim - 6,), 0.02)])
     rotation = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(dim)))[0]
     return (torch.randn(count, dim, generator=generator) * scales) @ rotation + 3
-
-
-@pytest.mark.parametrize("n, dim", [(400, 48), (1500, 384)])
-def test_pruned_search_finds_the_exact_nearest_row(n, dim):
-    generator = torch.Generator().manual_seed(n)
-    bank, queries = low_rank_rows(n, dim, generator), low_rank_rows(600, dim, generator)
-    queries[:100] = bank[:100] + 1e-3 * torch.randn(100, dim, generator=generator)  # near-duplicates of bank rows
-    expected = torch.cdist(queries.double(), bank.double()).min(1)
-    search = PrunedSearch(bank, exact_search(bank))
-    squared, index = search.search(queries)
-    assert torch.equal(index, expected.indices)
-    torch.testing.assert_close(squared.double().sqrt(), expected.values, rtol=1e-5, atol=1e-5)
-    assert len(queries) <= search.pairs < 0.05 * n * len(queries) and search.exact_blocks == 0  # the bound pruned
-
-
-def test_pruned_search_is_exact_where_the_bound_is_weak():
-    generator = torch.Generator().manual_seed(3)  # isotropic rows: the principal subspace holds little
-    bank, queries = torch.randn(800, 64, generator=generator), torch.randn(300, 64, generator=generator)
-    squared, index = PrunedSearch(bank, exact_search(bank)).search(queries)
-    assert torch.equal(index, torch.cdist(queries, bank).argmin(1))
-
-
-def test_pruned_search_hands_blocks_with_too_many_pairs_to_the_exact_search(monkeypatch):
-    generator = torch.Generator().manual_seed(1)
-    bank, queries = torch.randn(300, 32, generator=generator), torch.randn(200, 32, generator=generator)
-    monkeypatch.setattr(PrunedSearch, "MAX_PAIR_SHARE", 0.0)
-    calls = []
-    exact = exact_search(bank)
-    search = PrunedSearch(bank, lambda q: calls.append(len(q)) or exact(q))
-    squared, index = search.search(queries)
-    assert sum(calls) == len(queries) and search.exact_blocks >= 1
-    assert torch.equal(index, torch.cdist(queries, bank).argmin(1))
 
 
 def test_flat_search_on_cpu_is_pruned_and_follows_the_bank():
@@ -249,7 +148,7 @@ def test_flat_search_on_cpu_is_pruned_and_follows_the_bank():
     model.memory_bank = bank
     distances, nearest = model.nearest(queries)
     expected = torch.cdist(queries, bank).min(1)
-    assert model._pruned is not None and model.pruned.pairs >= len(queries)
+    assert model.search.pruned.pairs >= len(queries)
     assert torch.equal(nearest, expected.indices)
     torch.testing.assert_close(distances, expected.values, rtol=1e-4, atol=1e-4)
     model.memory_bank = bank[:200].clone()  # a new bank: the search is rebuilt, not reused
@@ -290,6 +189,15 @@ def test_pickle_round_trip_gives_identical_scores(fitted):
     before = fitted(images)  # builds the faiss index, which must not be pickled
     restored = pickle.loads(pickle.dumps(fitted))
     after = restored(images)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+
+
+def test_settings_and_state_rebuild_the_fitted_model(fitted):
+    fitted(torch.randn(1, 3, 64, 64))  # the fitted model holds its search; the rebuilt one builds its own
+    fresh = Patchcore(backbone=RESNET18, coreset_ratio=0.25)
+    fresh.load_fitted_state(fitted.state_dict())
+    images = torch.randn(3, 3, 64, 64)
+    before, after = fitted(images), fresh(images)
     assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
 
 

@@ -7,16 +7,15 @@ seen in training (``scale``) or to unit length (``norm``). A Gaussian KDE with S
 and full covariance (as ``scipy.stats.gaussian_kde``) models them; an image's log density ``ℓ``
 becomes anomalib's anomaly probability ``1 / (1 + exp(0.05·(ℓ − 12)))``. Image-level only.
 
-PCA (thin float64 ``torch.linalg.svd``) and KDE are written in torch: both are a few lines, run on
-the features' device and pickle as plain tensors. Unlike anomalib, the log density is a
-``logsumexp`` (anomalib's ``log(mean(exp) + 1e-300)`` underflows to ``-inf`` in float32 and ties
-every far-away image at probability 1), and ``norm`` scaling does not shift the KDE's training
-points by their mean (anomalib centres them in place while computing the covariance).
+PCA (``ad.ops.pca``, float64) and the KDE (``ad.ops.kde``) run in torch on the features' device.
+Unlike anomalib, the log density is a ``logsumexp`` (anomalib's ``log(mean(exp) + 1e-300)``
+underflows to ``-inf`` in float32 and ties every far-away image at probability 1), and ``norm``
+scaling does not shift the KDE's training points by their mean (anomalib centres them in place
+while computing the covariance).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -25,16 +24,10 @@ import torch.nn.functional as F
 from ad.backbone import FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
+from ad.ops.kde import KDE, fit_kde, kde_log_density
+from ad.ops.pca import fit_pca
 
 SCALING_METHODS = ("scale", "norm")
-
-
-def fit_pca(features: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) features -> mean (D,) and the leading (D, n_components) principal axes, in float64."""
-    features = features.double()
-    mean = features.mean(0)
-    vh = torch.linalg.svd(features - mean, full_matrices=False)[2]
-    return mean, vh[:n_components].T.contiguous()
 
 
 def random_subset(features: torch.Tensor, max_points: int, seed: int) -> torch.Tensor:
@@ -43,29 +36,6 @@ def random_subset(features: torch.Tensor, max_points: int, seed: int) -> torch.T
         return features
     keep = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
     return features[keep.sort().values.to(features.device)]
-
-
-def fit_kde(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scott's-rule Gaussian KDE with full covariance: whitening matrix L, whitened points, log of the kernel norm.
-
-    Kernel covariance = cov(points)·factor², factor = N^(-1/(d+4)); L is the Cholesky factor of its
-    inverse, so the kernel is exp(-‖(x − p)L‖²/2)·det(L)/(2π)^(d/2).
-    """
-    n, d = points.shape
-    factor = n ** (-1.0 / (d + 4))
-    inv_cov = torch.linalg.inv(torch.cov(points.T)) / factor**2
-    whiten = torch.linalg.cholesky(inv_cov)
-    log_norm = whiten.diagonal().log().sum() - 0.5 * d * math.log(2 * math.pi)
-    return whiten, points @ whiten, log_norm
-
-
-def kde_log_density(
-    x: torch.Tensor, whiten: torch.Tensor, points: torch.Tensor, log_norm: torch.Tensor
-) -> torch.Tensor:
-    """(B, d) queries -> (B,) log of the mean Gaussian kernel over the whitened training points."""
-    y = x @ whiten
-    sq = (y.square().sum(1, keepdim=True) + points.square().sum(1) - 2 * y @ points.T).clamp_min(0)
-    return torch.logsumexp(-0.5 * sq, dim=1) - math.log(points.shape[0]) + log_norm
 
 
 def anomaly_probability(log_density: torch.Tensor) -> torch.Tensor:
@@ -134,12 +104,14 @@ class Dfkde(AnomalyModel):
                 f"dataset: DFKDE needs more training images than model.n_pca_components ({k}), got {n}; "
                 f"add images or lower model.n_pca_components"
             )
-        self.mean, self.components = fit_pca(features, k)
-        z = self.pca(features)
-        self.max_length = z.norm(dim=1).max()
-        try:
+        try:  # rows spanning fewer than k dimensions, or a singular KDE covariance
+            self.mean, self.components, _ = fit_pca(features, n_components=k)
+            if self.components.shape[1] < k:
+                raise ValueError("rank below n_pca_components")
+            z = self.pca(features)
+            self.max_length = z.norm(dim=1).max()
             self.whiten, self.points, self.log_norm = fit_kde(self.rescale(z))
-        except torch.linalg.LinAlgError:
+        except (ValueError, torch.linalg.LinAlgError):
             raise ADError(
                 f"model.n_pca_components: the {k} PCA features of the {n} training images are degenerate "
                 f"(singular covariance); lower model.n_pca_components or add images"
@@ -147,7 +119,7 @@ class Dfkde(AnomalyModel):
 
     def log_density(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B,) KDE log density of their scaled PCA features."""
-        return kde_log_density(self.project(self.embed(images)), self.whiten, self.points, self.log_norm)
+        return kde_log_density(self.project(self.embed(images)), KDE(self.whiten, self.points, self.log_norm))
 
     def forward(self, images: torch.Tensor) -> Prediction:
         if self.points.numel() == 0:

@@ -10,10 +10,7 @@ summed over channels per pooled cell, is the anomaly map, upsampled bilinearly t
 blurred, as in anomalib; ``blur_sigma`` > 0 adds a Gaussian blur); the image score is its sum, as in
 anomalib. ``nll`` is image-level only (no map), as in anomalib.
 
-PCA is written in torch, in float64 like anomalib's SVD: it runs on the features' device and
-leaves only plain tensors in the pickled model (no scikit-learn object). As N (images) is small
-next to D (16,384 at 256 px), the axes come from the eigenvectors of the N×N Gram matrix rather
-than a thin SVD: same result, several times faster on CPU and GPU.
+PCA (``ad.ops.pca``) runs in float64 like anomalib's SVD.
 """
 
 from __future__ import annotations
@@ -26,44 +23,10 @@ import torch.nn.functional as F
 from ad.backbone import FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
+from ad.ops.pca import fit_pca
 from ad.postprocess import MapSmoother
 
 SCORE_TYPES = ("fre", "nll")
-
-
-def component_count(singular_values: torch.Tensor, level: float) -> int:
-    """Components kept for a variance level, anomalib's way: the first index where the cumulative
-    variance ratio reaches ``level`` (one fewer than scikit-learn), at least 1 and at most the rank."""
-    variance = singular_values.double().square()
-    ratios = variance.cumsum(0) / variance.sum()
-    rank = int((singular_values > singular_values[0] * 1e-6).sum())
-    return min(max(int((ratios < level).sum()), 1), rank)
-
-
-def principal_axes(centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values (descending) and right singular vectors (D, r) of a centred (N, D) float64 matrix.
-
-    Eigen-decomposes the smaller of the two Gram matrices: with N images ≪ D features that is the
-    N×N one, several times faster than an SVD (which also costs ~0.5 s of LAPACK start-up on CPU).
-    """
-    n, d = centred.shape
-    eigenvalues, vectors = torch.linalg.eigh(centred @ centred.T if n <= d else centred.T @ centred)
-    singular_values, vectors = eigenvalues.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
-    if n > d:
-        return singular_values, vectors
-    r = int((singular_values > singular_values[0] * 1e-6).sum())  # V = XᵀU/σ needs σ > 0
-    return singular_values, centred.T @ vectors[:, :r] / singular_values[:r]
-
-
-def fit_pca(features: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, D) features -> mean (D,), components (D, k) and singular values (k,), computed in float64."""
-    features = features.double()
-    mean = features.mean(0)
-    singular_values, axes = principal_axes(features - mean)
-    if singular_values[0] == 0:
-        raise ADError(f"dataset: all {len(features)} training images have the same features; PCA needs variety")
-    k = component_count(singular_values, level)
-    return mean.float(), axes[:, :k].float().contiguous(), singular_values[:k].float()
 
 
 def fit_gaussian(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,7 +84,13 @@ class Dfm(AnomalyModel):
         features = torch.cat([self.embed(batch["image"].to(device)).flatten(1) for batch in batches])
         if features.shape[0] < 2:
             raise ADError(f"dataset: DFM needs at least 2 training images, got {features.shape[0]}")
-        self.mean, self.components, self.singular_values = fit_pca(features, self.pca_level)
+        try:
+            pca = fit_pca(features, level=self.pca_level)
+        except ValueError:
+            raise ADError(
+                f"dataset: all {len(features)} training images have the same features; PCA needs variety"
+            ) from None
+        self.mean, self.components, self.singular_values = (t.float() for t in pca)
         if self.score_type == "nll":
             self.gauss_mean, self.whiten, self.log_det = fit_gaussian((features - self.mean) @ self.components)
 
