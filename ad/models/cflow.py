@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from torch import nn
 from ad.backbone import FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import Prediction, TrainableModel
-from ad.threads import single_threaded
+from ad.threads import map_on_cores, single_threaded
 
 #: log of the standard normal density's constant, per dimension.
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -194,14 +193,10 @@ class Cflow(TrainableModel):
 
         device = features[0][0].device
         workers = min(len(features), torch.get_num_threads()) if device.type == "cpu" else 1
+        by_size = sorted(range(len(features)), key=lambda i: -features[i][0].numel())  # the pool finishes together
         with single_threaded(device):
-            if workers > 1:  # largest layers first, so the pool finishes together
-                by_size = sorted(range(len(features)), key=lambda i: -features[i][0].numel())
-                with ThreadPoolExecutor(workers, thread_name_prefix="cflow-layer") as pool:
-                    done = dict(zip(by_size, pool.map(train_layer, by_size), strict=True))
-                totals = [done[i] for i in range(len(features))]
-            else:
-                totals = [train_layer(i) for i in range(len(features))]
+            done = dict(zip(by_size, map_on_cores(train_layer, by_size, workers, name="cflow-layer"), strict=True))
+        totals = [done[i] for i in range(len(features))]
         losses = {f"loss_{layer}": float(total) for layer, total in zip(self.extractor.layers, totals, strict=True)}
         return {"loss": sum(losses.values()) / len(losses), **losses}
 
