@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -75,9 +76,11 @@ def resolve_bundle(reference: str, scratch: Path) -> Path:
         return find_bundle(path)
     import mlflow
 
-    uri = reference if ":/" in reference else f"runs:/{reference}/model"
     try:
+        uri = reference if ":/" in reference else logged_model_uri(reference)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
+    except ADError:
+        raise
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a missing run or model
         raise ADError(f"{reference}: cannot fetch this MLflow model ({one_line(exc)[:200]}); "
                       f"check the run id and MLFLOW_TRACKING_URI") from None
@@ -85,6 +88,19 @@ def resolve_bundle(reference: str, scratch: Path) -> Path:
     if not found:
         raise ADError(f"{reference}: the MLflow model holds no ad bundle ({METADATA})")
     return found[0].parent
+
+
+def logged_model_uri(run_id: str) -> str:
+    """The ``models:/`` URI of the model an MLflow run logged."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    if not models:
+        raise ADError(f"{run_id}: this MLflow run logged no model (tracking.log_model was off); "
+                      f"use its run folder instead")
+    return f"models:/{models[0].model_id}"
 
 
 def looks_like_mlflow(reference: str) -> bool:
@@ -255,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours is the one bar shown
     try:
         out, summary = predict(args.bundle, args.inputs, args.out, args.threshold, args.save_maps,
                                args.device, args.batch_size)

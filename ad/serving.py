@@ -11,9 +11,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
-import numpy as np
-
 import mlflow.pyfunc
+import numpy as np
 
 #: Packages the served model imports, pinned to the versions that wrote it.
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "scipy", "pandas",
@@ -43,7 +42,7 @@ class BundleModel(mlflow.pyfunc.PythonModel):
 
         self.bundle = load_bundle(context.artifacts["bundle"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input, params=None):  # noqa: D102 - MLflow's signature, untyped on purpose
         import pandas as pd
 
         from ad.predict import read_images, score_images
@@ -87,10 +86,17 @@ def as_images(model_input, size: int, read_images) -> np.ndarray:
 
 def log_bundle(bundle_dir: Path, name: str, run_id: str | None = None):
     """Log ``bundle_dir`` as the run's MLflow model ``name`` (models from code; nothing pickled)."""
+    import warnings
+
     import ad
 
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=str(Path(__file__).with_name("serving_model.py")),
-        artifacts={"bundle": str(bundle_dir)}, code_paths=[str(Path(ad.__file__).parent)],
-        pip_requirements=requirements(), run_id=run_id,
-    )
+    # Model.log is what mlflow.pyfunc.log_model calls; it alone takes the run id, which a tracker
+    # logging from its own thread needs (the fluent API's active run is per thread)
+    with warnings.catch_warnings():  # "add type hints to predict": its input is deliberately one of three kinds
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+        return mlflow.models.Model.log(
+            artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id,
+            python_model=str(Path(__file__).with_name("serving_model.py")),
+            artifacts={"bundle": str(bundle_dir)}, code_paths=[str(Path(ad.__file__).parent)],
+            pip_requirements=requirements(),
+        )

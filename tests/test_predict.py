@@ -24,8 +24,8 @@ from ad.run import run
 SMALL = [*TINY, "tracking=none", "dataset.n_train=10", "dataset.n_test_good=4", "dataset.n_test_defect=4",
          "trainer.max_epochs=1", "dataset.val_ratio=0.2"]
 #: Per-method settings that keep a run to seconds.
-QUICK = {"ganomaly": ["model.n_features=8"], "patchcore": [], "cflow": [], "dfkde": ["model.n_pca_components=4"], "dfm": [], "padim": [],
-         "stfpm": [], "reverse_distillation": []}
+QUICK = {"ganomaly": ["model.n_features=8"], "dfkde": ["model.n_pca_components=4"], "patchcore": [], "cflow": [],
+         "dfm": [], "padim": [], "stfpm": [], "reverse_distillation": []}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def edit_meta(folder: Path, change) -> None:
     (lambda f: (f / METADATA).write_text("{not json"), "not a readable bundle"),
     (lambda f: edit_meta(f, lambda m: m["method"].update({"class": "os.system"})), "not one of ad.models"),
     (lambda f: edit_meta(f, lambda m: m["method"].update({"class": "ad.bundle.Bundle"})), "not one of ad.models"),
-    (lambda f: edit_meta(f, lambda m: m["method"].update({"class": "ad.models.base.TrainableModel"})), ""),
+    (lambda f: edit_meta(f, lambda m: m["method"].update({"class": "ad.models.base.TrainableModel"})), "do not fit"),
     (lambda f: edit_meta(f, lambda m: m.update({"format_version": 99})), "format 99"),
     (lambda f: edit_meta(f, lambda m: m["tensors"].update({"file": "../x.safetensors"})), "not a file name"),
     (lambda f: edit_meta(f, lambda m: m.pop("thresholds")), "'thresholds' is missing"),
