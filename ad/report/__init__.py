@@ -1,9 +1,10 @@
-"""Compare an experiment's runs: ``python -m ad.report [--experiment NAME] [--sweep ID] [--html [FILE]]``.
+"""Compare the runs of an MLflow experiment in markdown tables, a CSV and a self-contained HTML page.
 
-Prints one markdown table per (dataset, model, backbone) and writes it with a CSV to
-``DIR/<experiment>.md`` and ``.csv``: a row per category (its latest finished run), or, when runs
-of a category differ in some settings (a sweep), a row per category and setting with an average
-per setting. ``--html`` adds one self-contained page with plots, curves and the worst misses.
+``python -m ad.report [--experiment NAME] [--sweep ID] [--html [FILE]]`` prints one markdown table
+per (dataset, model, backbone) and writes it with a CSV to ``DIR/<experiment>.md`` and ``.csv``: a
+row per category (its latest finished run), or, when runs of a category differ in some settings (a
+sweep), a row per category and setting with an average per setting. ``--html`` adds one
+self-contained page with plots, curves and the worst misses.
 """
 
 from __future__ import annotations
