@@ -71,7 +71,7 @@ def test_padim_separates_synthetic_defects(tmp_path):
 def test_mvtec_layout_gives_image_and_pixel_metrics(tmp_path, mvtec_root):
     cfg = make_cfg("dataset=mvtec", f"dataset.root={mvtec_root}", "dataset.category=widget", "tracking=none")
     results = run(cfg, tmp_path)
-    assert results["n_train"] == 10 and results["n_test"] == 10
+    assert results["n_train"] + results["n_val"] == 10 and results["n_test"] == 10  # val: held-out good images
     assert {"image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO"} <= results.keys()
     assert json.loads((tmp_path / "metrics.json").read_text()) == results
 
@@ -186,12 +186,15 @@ def hydra_job(tmp_path):
     HydraConfig.instance().cfg = None
 
 
-def test_the_sweeper_gets_the_optimized_metric(hydra_job, monkeypatch):
+def test_the_sweeper_gets_the_optimized_metric(hydra_job, monkeypatch, capsys):
     import ad.launch
     import ad.run
 
-    monkeypatch.setattr(ad.run, "run", lambda cfg, run_dir: {"image_AUROC": 0.9, "pixel_AUPRO": 0.4, "fit_s": 2.0})
+    monkeypatch.setattr(ad.run, "run", lambda cfg, run_dir, started: {"image_AUROC": 0.9, "pixel_AUPRO": 0.4,
+                                                                       "fit_s": 2.0})
+    monkeypatch.setattr(ad.run, "format_table", lambda results: f"table of {len(results)} results")
     assert ad.launch.run_job(hydra_job("tracking=none")) == 0.9
+    assert capsys.readouterr().out == "table of 3 results\n"  # the command line prints; run() does not
     assert ad.launch.run_job(hydra_job("tracking=none", "optimized_metric=pixel_AUPRO")) == 0.4
     assert ad.launch.run_job(hydra_job("tracking=none", "optimized_metric=fit_s")) == 2.0
     assert ad.launch.run_job(hydra_job("tracking=none", "optimized_metric=pixel_AUROC")) is None  # not produced
@@ -201,7 +204,7 @@ def test_an_unknown_optimized_metric_is_one_line_before_the_run(hydra_job, monke
     import ad.launch
     import ad.run
 
-    def must_not_run(cfg, run_dir):
+    def must_not_run(cfg, run_dir, started):
         raise AssertionError("ran")
 
     monkeypatch.setattr(ad.run, "run", must_not_run)
