@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from scipy.spatial.distance import mahalanobis
 
 from ad.errors import ADError
-from ad.models.padim import COV_EPS, INV_EPS, Padim, nearest_index, pick_channels
+from ad.models.padim import COV_EPS, INV_EPS, Padim
+from ad.ops.upsample import nearest_index, pick_channels
 
 DEVICE = torch.device("cpu")
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from helpers import compose_config
 
 import ad.models.patchcore as patchcore
+import ad.ops.knn as knn
 from ad.errors import ADError
 from ad.models.base import Prediction
 from ad.models.patchcore import Patchcore
@@ -238,7 +239,7 @@ def test_a_bank_too_large_for_memory_fails_before_it_is_collected(monkeypatch):
     model = Patchcore(backbone=RESNET18)
     with pytest.raises(ADError, match="dataset.image_size.*GiB"):
         model.fit(Endless(), DEVICE)  # from the announced length, after one batch
-    monkeypatch.setattr(patchcore, "free_memory", lambda device: 2**20)
+    monkeypatch.setattr(knn, "free_memory", lambda device: 2**20)
     with pytest.raises(ADError, match="dataset.image_size"):  # no length: while collecting
         model.fit(iter(Endless()), DEVICE)
 

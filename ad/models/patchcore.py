@@ -25,31 +25,16 @@ from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.ops.cached import lookup_or_compute
 from ad.ops.coreset import jl_dim, k_center_greedy, memory_bank_bytes, project_rows, take_rows
-from ad.ops.knn import INDEX_KINDS, NearestNeighbours, free_memory, torch_nearest
+from ad.ops.knn import INDEX_KINDS, MemoryGuard, NearestNeighbours, torch_nearest
 from ad.postprocess import MapSmoother
 
 #: Names how patches are embedded and searched in the nearest-neighbour cache keys: change it with either.
 NEAREST_CACHE_TAG = "nearest: avg_pool 3x3, bilinear to the first layer, L2"
-#: Share of the free memory the memory bank and its coreset workspace may take.
-MEMORY_FRACTION = 0.8
 
 
 def as_patches(embedding: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, h*w, C): a view of a channels-last embedding."""
     return embedding.permute(0, 2, 3, 1).reshape(embedding.shape[0], -1, embedding.shape[1])
-
-
-def batch_count(batches: Iterable) -> int | None:
-    """How many batches an iterable will yield when it knows (DataLoader, tqdm), else None."""
-    try:
-        return len(batches)
-    except TypeError:
-        return None
-
-
-def size_text(n_bytes: int) -> str:
-    """Bytes in GiB, or MiB below one GiB."""
-    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 class Patchcore(AnomalyModel):
@@ -102,15 +87,20 @@ class Patchcore(AnomalyModel):
     @torch.no_grad()
     def fit(self, batches: Iterable[dict], device: torch.device) -> None:
         """Collect every training patch, then keep a greedy k-center coreset of them as the memory bank."""
-        chunks, budget, n_batches = [], None, batch_count(batches)
+        chunks = []
+        memory = MemoryGuard(device, lambda n, dim: memory_bank_bytes(n, dim, self.coreset_ratio, self.projection_dim),
+                             batches)
         for batch in batches:
             x = self.patches(batch["image"].to(device))
             chunks.append(x.reshape(-1, x.shape[-1]))
-            if budget is None:  # from the first batch: does the whole bank fit before it is collected?
-                free = free_memory(device)
-                budget = None if free is None else int(MEMORY_FRACTION * free)
-                self._check_memory(n_batches * len(x) if n_batches else len(x), x, budget, device)
-            self._check_memory(sum(map(len, chunks)) // x.shape[1], x, budget, device)
+            try:  # from the first batch: does the whole bank fit before it is collected?
+                memory.check(len(chunks[-1]), sum(map(len, chunks)), x.shape[-1])
+            except MemoryError as exc:
+                raise ADError(
+                    f"dataset.image_size: PatchCore's memory bank of {x.shape[1]} patches x {x.shape[2]} features "
+                    f"per image {exc}; train on fewer images, lower dataset.image_size, or use fewer model.layers "
+                    "(model.coreset_ratio only shrinks the bank kept after selection)"
+                ) from None
         if not chunks:
             raise ADError("dataset: PatchCore got no training images")
         n = sum(map(len, chunks))
@@ -143,20 +133,6 @@ class Patchcore(AnomalyModel):
         (order,), _ = lookup_or_compute([key], long_enough, lambda _: [k_center_greedy(reduced, size, start).cpu()],
                                         lambda key, order: cache.save("coreset", key, order))
         return order[:size].to(reduced.device)
-
-    def _check_memory(self, n_images: int, x: torch.Tensor, budget: int | None, device: torch.device) -> None:
-        """Raise before collecting a bank (patches, projection, coreset) larger than the budget."""
-        if budget is None:
-            return
-        per_image, dim = x.shape[1], x.shape[2]
-        need = memory_bank_bytes(n_images * per_image, dim, self.coreset_ratio, self.projection_dim)
-        if need > budget:
-            raise ADError(
-                f"dataset.image_size: PatchCore's memory bank of {n_images} images x {per_image} patches x {dim} "
-                f"features needs {size_text(need)} but only {size_text(budget)} of {device.type} memory "
-                "is available; train on fewer images, lower dataset.image_size, or use fewer model.layers "
-                "(model.coreset_ratio only shrinks the bank kept after selection)"
-            )
 
     @property
     def search(self) -> NearestNeighbours:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import faiss
 import torch
@@ -47,6 +47,47 @@ def free_memory(device: torch.device) -> int | None:
     except (OSError, ValueError):
         pass
     return free
+
+
+def size_text(n_bytes: int) -> str:
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+class MemoryGuard:
+    """Raises ``MemoryError`` before a bank collected batch by batch outgrows the device's free memory.
+
+    Memory is probed once, at the first batch; when the number of batches is known, that first
+    check is for the whole bank, so a bank that cannot fit fails before it is collected.
+
+    Args:
+        device: where the bank is collected.
+        need: bytes a bank of (rows, dim) takes, its workspace included.
+        batches: the batches to come; their ``len()``, when they know it (a DataLoader, tqdm), sizes the first check.
+        fraction: share of the free memory the bank may take.
+    """
+
+    def __init__(self, device: torch.device, need: Callable[[int, int], int], batches: Iterable,
+                 fraction: float = 0.8) -> None:
+        self.device, self.need, self.fraction = device, need, fraction
+        try:
+            self.batches = len(batches)
+        except TypeError:
+            self.batches = None
+        self.budget: int | None = None
+
+    def check(self, batch_rows: int, rows: int, dim: int) -> None:
+        """After a batch of ``batch_rows`` rows of ``dim`` features, ``rows`` collected in all."""
+        if self.budget is None:
+            free = free_memory(self.device)
+            self.budget = None if free is None else int(self.fraction * free)
+            self._check(batch_rows * self.batches if self.batches else rows, dim)
+        self._check(rows, dim)
+
+    def _check(self, rows: int, dim: int) -> None:
+        if self.budget is not None and (need := self.need(rows, dim)) > self.budget:
+            raise MemoryError(f"needs {size_text(need)} but only {size_text(self.budget)} of "
+                              f"{self.device.type} memory is available")
 
 
 def torch_nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
