@@ -8,6 +8,7 @@ a uint8 (N, H, W, 3) image batch, and returns a DataFrame with ``score`` and ``l
 
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
@@ -86,8 +87,6 @@ def as_images(model_input, size: int, read_images) -> np.ndarray:
 
 def log_bundle(bundle_dir: Path, name: str, run_id: str | None = None):
     """Log ``bundle_dir`` as the run's MLflow model ``name`` (models from code; nothing pickled)."""
-    import warnings
-
     import ad
 
     # Model.log is what mlflow.pyfunc.log_model calls; it alone takes the run id, which a tracker
