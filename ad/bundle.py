@@ -71,6 +71,37 @@ def method_settings(model_node) -> tuple[str, dict]:
     return settings.pop("_target_"), settings
 
 
+def run_meta(cfg, model: torch.nn.Module, model_name: str, dataset, precision: str, thresholds: tuple,
+             results: dict) -> dict:
+    """What a run's bundle records besides the tensors: enough to rebuild, preprocess and judge the model.
+
+    ``thresholds`` is the (image, pixel) pair of ``ad.thresholds.Threshold`` (either may be None).
+    """
+    from omegaconf import OmegaConf
+
+    from ad.data import IMAGENET_MEAN, IMAGENET_STD
+
+    target, settings = method_settings(cfg.model)
+    backbone = None
+    if model.weights_source != "none":  # GANomaly learns from pixels: no backbone to rebuild
+        backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
+                    "channels_last": bool(cfg.trainer.channels_last)}
+    image, pixel = thresholds
+    return {
+        "method": {"name": model_name, "class": target, "settings": settings},
+        "backbone": backbone, "weights_source": model.weights_source, "precision": precision,
+        "produces_maps": bool(model.produces_maps),
+        "preprocessing": {"image_size": dataset.image_size, "resize": "bilinear, antialiased, aspect ratio not kept",
+                          "color": "RGB", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "thresholds": {"image": None if image is None else image.to_dict(),
+                       "pixel": None if pixel is None else pixel.to_dict()},
+        "metrics": {key: value for key, value in results.items() if isinstance(value, float)},
+        "training": {"dataset": results["dataset"], "category": results["category"],
+                     "fingerprint": dataset.fingerprint(), "n_train": len(dataset.train),
+                     "n_val": len(dataset.val), "seed": int(cfg.seed)},
+    }
+
+
 def save_bundle(folder: Path, model: torch.nn.Module, meta: dict) -> Path:
     """Write ``model``'s tensors and ``meta`` into ``folder`` (replaced whole: never a half-written bundle).
 

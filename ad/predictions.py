@@ -41,6 +41,17 @@ def write_predictions(path: Path, columns: dict[str, Sequence]) -> Path:
     return path
 
 
+def write_test_predictions(path: Path, samples: Sequence, scores: np.ndarray, threshold: float | None) -> Path:
+    """A run's table: every test image's score, its label at the operating threshold and its ground truth."""
+    return write_predictions(path, {
+        "path": [str(sample.image) for sample in samples],
+        "score": np.asarray(scores).tolist(),
+        "label": labels_at(scores, threshold),
+        "target": [sample.label for sample in samples],
+        "defect": [sample.defect for sample in samples],
+    })
+
+
 def read_predictions(path: Path) -> list[dict[str, str]]:
     """The rows of a predictions table as dicts of strings."""
     with open(path, newline="") as file:

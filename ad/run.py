@@ -14,7 +14,6 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import ad
 from ad.backbone import FeatureExtractor, resolve_precision
-from ad.bundle import method_settings, save_bundle
+from ad.bundle import run_meta, save_bundle
 from ad.cache import DiskCache
 from ad.data import collate, denormalize
 from ad.errors import ADError, ConfigError, one_line, out_of_space
@@ -36,9 +34,9 @@ from ad.metrics import compute_metrics, operating_point_metrics
 from ad.models import AnomalyModel
 from ad.models.base import TrainableModel
 from ad.predictions import FILE as PREDICTIONS
-from ad.predictions import labels_at, write_predictions
+from ad.predictions import write_test_predictions
+from ad.scoring import TestOutputs, evaluate, progress, score, set_thresholds, threshold_results
 from ad.sweep import sweep_tags
-from ad.thresholds import Threshold, calibrate, calibrate_pixels
 from ad.tracking import BackgroundTracker, StoreError, check_tracking, store_folder
 from ad.trainer import (
     Trainer,
@@ -57,16 +55,6 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO")
 #: Results a sweeper may optimise (``optimized_metric``).
 RESULT_KEYS = (*METRIC_KEYS, "fit_s", "test_s", "total_s")
-
-
-@dataclass
-class TestOutputs:
-    """Everything scored on the test split, on the CPU, in dataset order."""
-
-    scores: torch.Tensor
-    labels: torch.Tensor
-    maps: torch.Tensor | None
-    masks: torch.Tensor | None
 
 
 def seed_everything(seed: int) -> None:
@@ -109,99 +97,6 @@ def open_cache(runtime: DictConfig | None) -> DiskCache | None:
     return cache
 
 
-def progress(loader: DataLoader, desc: str) -> tqdm:
-    """A progress bar over batches, shown only on an interactive terminal."""
-    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
-
-
-@torch.inference_mode()
-def score(model: AnomalyModel, loader: DataLoader, device: torch.device, keep_maps: bool) -> TestOutputs:
-    """Score every test image; maps and masks are kept only when pixel metrics will use them."""
-    scores, labels, maps, masks = [], [], [], []
-    for batch in progress(loader, "test"):
-        prediction = model(batch["image"].to(device, non_blocking=True))
-        scores.append(prediction.scores.float().cpu())
-        labels.append(batch["label"])
-        if keep_maps:
-            maps.append(prediction.maps.float().cpu())
-            masks.append(batch["mask"].bool())
-    return TestOutputs(
-        scores=torch.cat(scores), labels=torch.cat(labels),
-        maps=torch.cat(maps) if keep_maps else None, masks=torch.cat(masks) if keep_maps else None,
-    )
-
-
-def set_thresholds(settings: DictConfig, model: AnomalyModel, loader: DataLoader | None,
-                   device: torch.device) -> tuple[Threshold | None, Threshold | None]:
-    """The image and pixel operating thresholds, from the validation split's scores and maps (never the test split)."""
-    outputs = score(model, loader, device, keep_maps=model.produces_maps) if loader is not None else None
-    image = calibrate(settings, None if outputs is None else outputs.scores.numpy(),
-                      None if outputs is None else outputs.labels.numpy())
-    good_maps = None
-    if outputs is not None and outputs.maps is not None:
-        good_maps = outputs.maps[outputs.labels == 0].numpy()
-    pixel = calibrate_pixels(settings, good_maps) if model.produces_maps else None
-    return image, pixel
-
-
-def threshold_results(image: Threshold | None, pixel: Threshold | None) -> dict:
-    """The thresholds as results: their values, and how far the image one can be trusted."""
-    results = {}
-    if image is not None:
-        results.update(image_threshold=image.value, threshold_method=image.method)
-        if image.false_reject_rate_bound is not None:
-            results.update(image_threshold_frr_bound=round(image.false_reject_rate_bound, 4),
-                           n_val_good=image.n_calibration)
-    if pixel is not None:
-        results["pixel_threshold"] = pixel.value
-    return results
-
-
-def save_predictions(run_dir: Path, dataset, outputs: TestOutputs, threshold: Threshold | None) -> Path:
-    """``predictions.csv``: every test image's score, label at the operating threshold and ground truth."""
-    scores = outputs.scores.numpy()
-    return write_predictions(run_dir / PREDICTIONS, {
-        "path": [str(sample.image) for sample in dataset.test],
-        "score": scores.tolist(),
-        "label": labels_at(scores, None if threshold is None else threshold.value),
-        "target": [sample.label for sample in dataset.test],
-        "defect": [sample.defect for sample in dataset.test],
-    })
-
-
-def bundle_meta(cfg: DictConfig, model: AnomalyModel, model_name: str, dataset, precision: str,
-                thresholds: tuple[Threshold | None, Threshold | None], results: dict) -> dict:
-    """What the model bundle records besides the tensors: enough to rebuild, preprocess and judge the model."""
-    from ad.data import IMAGENET_MEAN, IMAGENET_STD
-
-    target, settings = method_settings(cfg.model)
-    uses_backbone = model.weights_source != "none"
-    backbone = None
-    if uses_backbone or "backbone" in settings:
-        backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
-                    "channels_last": bool(cfg.trainer.channels_last)}
-    image, pixel = thresholds
-    return {
-        "method": {"name": model_name, "class": target, "settings": settings},
-        "backbone": backbone, "weights_source": model.weights_source, "precision": precision,
-        "produces_maps": bool(model.produces_maps),
-        "preprocessing": {"image_size": dataset.image_size, "resize": "bilinear, antialiased, aspect ratio not kept",
-                          "color": "RGB", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "thresholds": {"image": None if image is None else image.to_dict(),
-                       "pixel": None if pixel is None else pixel.to_dict()},
-        "metrics": {key: value for key, value in results.items() if isinstance(value, float)},
-        "training": {"dataset": results["dataset"], "category": results["category"],
-                     "fingerprint": dataset.fingerprint(), "n_train": len(dataset.train),
-                     "n_val": len(dataset.val), "seed": int(cfg.seed)},
-    }
-
-
-def evaluate(model: AnomalyModel, loader: DataLoader, device: torch.device, keep_maps: bool) -> dict:
-    """Score the test split and compute its metrics."""
-    outputs = score(model, loader, device, keep_maps)
-    return compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
-
-
 def make_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch.dtype | None, tracker,
                  resume_from: Path | None) -> Trainer:
     """The trainer of gradient-trained methods, from the ``trainer`` config group."""
@@ -234,7 +129,19 @@ def format_table(results: dict) -> str:
              f"{results['dataset']}/{results['category']}")
     rows = [f"  {key:<12} {results[key]:.4f}" if key in results else f"  {key:<12} —" for key in METRIC_KEYS]
     timing = f"  fit {results['fit_s']:.2f} s · test {results['test_s']:.2f} s · {results['device']}"
-    return "\n".join([title, *rows, timing])
+    return "\n".join([title, *rows, *operating_point(results), timing])
+
+
+def operating_point(results: dict) -> list[str]:
+    """The summary's line on the image threshold: its value, its bound, and what it does on the test split."""
+    if "image_threshold" not in results:
+        return []
+    line = f"  threshold    {results['image_threshold']:.4g}"
+    if "image_threshold_frr_bound" in results:
+        line += f" (false rejects <= {results['image_threshold_frr_bound']:.0%} at 95%, {results['n_val_good']} good)"
+    rates = [f"{name} {results[key]:.0%}" for name, key in (("rejects", "image_false_reject_rate"),
+                                                             ("recall", "image_recall")) if key in results]
+    return [line + (": test " + ", ".join(rates) if rates else "")]
 
 
 def log_examples(tracker, dataset, outputs: TestOutputs, count: int, cache: DiskCache | None) -> None:
@@ -415,8 +322,9 @@ def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
                           "ad.category": dataset.category})  # as the dataset names it (BTAD 1 -> 01)
         tracker.log_metrics({k: float(v) for k, v in results.items()
                              if k in metrics or k.endswith(("_s", "_threshold", "_bound"))})
-        save_predictions(run_dir, dataset, outputs, image_threshold)
-        save_bundle(run_dir / "model", model, bundle_meta(
+        write_test_predictions(run_dir / PREDICTIONS, dataset.test, outputs.scores.numpy(),
+                               None if image_threshold is None else image_threshold.value)
+        save_bundle(run_dir / "model", model, run_meta(
             cfg, model, model_name, dataset, precision, (image_threshold, pixel_threshold), results))
         tracker.log_artifact(run_dir / PREDICTIONS)
         log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)
