@@ -313,8 +313,8 @@ class Recorder(Tracker):
         if name == self.fail_on:
             raise RuntimeError(f"{name} failed")
 
-    def start(self, cfg, run_dir, run_name, tags):
-        self._record("start", run_name)
+    def start(self, cfg, run_dir, run_name, tags, resume_run_id=None, start_time=None):
+        self._record("start", run_name, start_time)
 
     def log_metrics(self, metrics, step=None):
         self._record("log_metrics", metrics, step)
@@ -393,46 +393,160 @@ def test_background_tracker_runs_at_the_callers_priority():
     tracker.end()
 
 
-def test_prepare_checks_the_pinned_requirements_without_scanning_every_distribution(tracking_uri, tmp_path,
-                                                                                     monkeypatch):
-    # MLflow's full module map scans every installed distribution (about 1 s); the pinned requirements
-    # come from this environment, so checking them by name must find no mismatch.
-    from mlflow.utils import requirements_utils
-
-    from ad.tracking import pinned_requirements
-
-    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
-    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
-    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions",
-                        lambda: pytest.fail("scanned every installed distribution"))
-    tracker = started(tracking_uri, tmp_path)
-    try:
-        tracker.prepare()
-    finally:
-        tracker.end()
-    requirements = pinned_requirements() + [f"mlflow=={mlflow.__version__}"]  # MLflow adds its own pin
-    assert {"torch", "timm"} <= set(requirements_utils._MODULES_TO_PACKAGES)
-    assert all(requirements_utils._check_requirement_satisfied(r) is None for r in requirements)
-
-
 def test_a_run_reports_its_whole_time_beside_fit_and_test(tracking_uri, tmp_path):
-    # total_s counts from the command's start where ad.launch recorded one (taken once), else from run()'s
+    # total_s counts from the command's start where the caller gives one, else from run()'s own
     import time
 
     from helpers import TINY, compose_config
 
-    import ad.run as run_module
+    from ad.run import run
 
     cfg = compose_config(*TINY, "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4",
                          f"tracking.uri={tracking_uri}", "tracking.log_model=false", "tracking.num_images=0")
-    run_module.command_started = time.perf_counter() - 100.0  # a command that started 100 s ago
-    results = run_module.run(cfg, tmp_path / "a")
-    assert run_module.command_started is None
+    results = run(cfg, tmp_path / "a", started=time.perf_counter() - 100.0)  # a command that began 100 s ago
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert saved["total_s"] == results["total_s"] >= 100.0
     client = MlflowClient(tracking_uri)
     (logged,) = client.search_runs([client.get_experiment_by_name("ad").experiment_id])
     assert logged.data.metrics["total_s"] == results["total_s"]
 
-    again = run_module.run(cfg, tmp_path / "b")
+    again = run(cfg, tmp_path / "b")
     assert again["fit_s"] + again["test_s"] <= again["total_s"] < 100.0
+
+
+def test_background_tracker_starts_the_run_when_called_not_when_the_thread_gets_to_it():
+    import time
+
+    from ad.tracking import BackgroundTracker
+
+    inner = Recorder()
+    tracker = BackgroundTracker(inner)
+    before = time.time()
+    tracker._pool.submit(time.sleep, 0.3)  # the thread is busy (MLflow's imports, a store being migrated)
+    tracker.start(make_cfg(), Path("."), "r", {})
+    tracker.end()
+    assert before <= inner.calls[0][2] < before + 0.2  # the caller's time, not the thread's
+    given = BackgroundTracker(inner := Recorder())
+    given.start(make_cfg(), Path("."), "r", {}, start_time=123.0)  # e.g. when the command began
+    given.end()
+    assert inner.calls[0][2] == 123.0
+
+
+def test_duration_covers_the_job_from_its_start_time(tracking_uri, tmp_path):
+    import time
+
+    began = time.time() - 5.0  # a job that began 5 s before its store answered
+    tracker = MLflowTracker(uri=tracking_uri)
+    tracker.start(make_cfg(), tmp_path, "r", {}, start_time=began)
+    run_id = tracker.run_id
+    tracker.end()
+    info = MlflowClient(tracking_uri).get_run(run_id).info
+    assert info.start_time == int(began * 1000)
+    assert 5000 <= info.end_time - info.start_time < 60_000
+
+
+def test_no_process_wide_mlflow_run_is_opened(tracking_uri, tmp_path):
+    tracker = started(tracking_uri, tmp_path)
+    assert mlflow.active_run() is None  # runs go through a client bound to the store, not MLflow's run stack
+    tags = MlflowClient(tracking_uri).get_run(tracker.run_id).data.tags
+    tracker.end()
+    assert tags["mlflow.runName"] == "padim-bottle" and "mlflow.user" in tags and "mlflow.source.name" in tags
+
+
+def test_resolved_values_are_logged_beside_the_requested_ones(tracking_uri, tmp_path):
+    tracker = started(tracking_uri, tmp_path)
+    tracker.log_resolved({"n_features": 100, "weights": "random", "precision": "bf16", "device": "cpu"})
+    run_id = tracker.run_id
+    tracker.end()
+    params = MlflowClient(tracking_uri).get_run(run_id).data.params
+    assert params["model.n_features"] == "100"  # as requested (make_cfg asks for 100)
+    assert {k: v for k, v in params.items() if k.startswith("resolved.")} == {
+        "resolved.n_features": "100", "resolved.weights": "random", "resolved.precision": "bf16",
+        "resolved.device": "cpu"}
+
+
+def test_a_resumed_run_keeps_its_first_resolved_values(tracking_uri, tmp_path):
+    first = started(tracking_uri, tmp_path)
+    first.log_resolved({"device": "cpu"})
+    run_id = first.run_id
+    first.end("KILLED", error="stopped")
+    again = MLflowTracker(uri=tracking_uri)
+    again.start(make_cfg(), tmp_path, "r", {}, resume_run_id=run_id)
+    again.log_resolved({"device": "cuda", "precision": "bf16"})  # MLflow forbids changing a param
+    again.end()
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert run.data.params["resolved.device"] == "cpu" and run.data.params["resolved.precision"] == "bf16"
+    assert run.data.tags["ad.resumed"] == "true"
+
+
+@pytest.mark.parametrize(("parts", "name"), [
+    (("padim", "resnet18", "brick"), "padim-resnet18-brick"),
+    (("ganomaly", "none", "bottle"), "ganomaly-bottle"),  # no backbone to name
+    (("padim", "vit_base.augreg", "01"), "padim-vit_base_augreg-01"),  # MLflow refuses '.', '/', ':'
+])
+def test_logged_model_name(parts, name):
+    from ad.tracking import logged_model_name
+
+    assert logged_model_name(*parts) == name
+
+
+def test_the_model_is_named_after_method_backbone_and_category(tracking_uri, tmp_path):
+    tracker = MLflowTracker(uri=tracking_uri)
+    tracker.start(make_cfg(), tmp_path, "r", {"ad.model": "padim", "ad.backbone": "resnet18", "ad.category": "brick"})
+    tracker.log_model(TinyNet())
+    tracker.log_model(TinyNet(), name="explicit")
+    run_id = tracker.run_id
+    tracker.end()
+    client = MlflowClient(tracking_uri)
+    outputs = client.get_run(run_id).outputs.model_outputs
+    assert sorted(client.get_logged_model(o.model_id).name for o in outputs) == ["explicit", "padim-resnet18-brick"]
+
+
+def test_log_model_auto_logs_a_single_run_and_skips_sweep_jobs(monkeypatch):
+    import ad.sweep
+    from ad.tracking.mlflow_tracker import wants_model
+
+    assert MLflowTracker(log_model="auto").save_model is True
+    assert wants_model(True) is True and wants_model("false") is False
+    monkeypatch.setattr(ad.sweep, "in_multirun", lambda: True)
+    assert MLflowTracker(log_model="auto").save_model is False
+    assert MLflowTracker(log_model=True).save_model is True
+    with pytest.raises(ADError, match="tracking.log_model: 'sometimes' is not one of true, false, auto"):
+        MLflowTracker(log_model="sometimes")
+
+
+def test_the_experiment_opens_on_model_training_with_the_metric_columns(tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri)
+    client.create_experiment("made-elsewhere")  # an experiment ad did not create gets the tags too
+    for name in ("ad", "made-elsewhere"):
+        tracker = MLflowTracker(uri=tracking_uri, experiment=name, columns=["image_AUROC", "total_s"])
+        tracker.start(make_cfg(), tmp_path, "r", {})
+        tracker.end()
+        tags = client.get_experiment_by_name(name).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        view = json.loads(tags["mlflow.sharedViewState.ad-metrics"])
+        assert view["selectedColumns"] == ["metrics.`image_AUROC`", "metrics.`total_s`", "attributes.`Models`"]
+
+
+def test_links_name_the_run_and_the_experiment_view(tracking_uri, tmp_path):
+    tracker = started(tracking_uri, tmp_path)
+    run_id = tracker.run_id
+    tracker.end()
+    links = tracker.links()
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    assert links["run_id"] == run_id
+    assert links["run_url"] == (f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+                                "?workflowType=machine_learning")
+    assert links["experiment_url"] == (f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+                                       "?workflowType=machine_learning&viewStateShareKey=ad-metrics")
+    assert links["open_command"] == "mlflow ui"  # the store is ./mlflow.db, mlflow ui's default
+    assert NullTracker().links() == {}
+
+
+def test_open_command_and_address_follow_the_store():
+    from ad.tracking import experiment_url, open_command
+
+    assert open_command("sqlite:////data/runs/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db"
+    assert open_command("http://tracker:5000") == ""
+    assert experiment_url("http://tracker:5000/", "7").startswith("http://tracker:5000/#/experiments/7/runs?")
