@@ -42,6 +42,42 @@ def sweep_tags() -> dict[str, str]:
     return {SWEEP_TAG: sweep_dir.name, "ad.sweep_dir": str(sweep_dir), "ad.job": str(hydra_cfg.job.num)}
 
 
+def swept_keys(hydra_cfg: DictConfig) -> set[str] | None:
+    """The settings a multirun varies: its sweeper's ``params`` and the sweep overrides Hydra saved in the
+    sweep folder's ``multirun.yaml``; None when that file is absent (a sweeper that writes none)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    saved = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if not saved.is_file():
+        return None
+    sweep = OmegaConf.load(saved).hydra
+    arguments = [str(o) for o in sweep.overrides.task]
+    arguments += [f"{key}={value}" for key, value in (sweep.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    return {override.key_or_group for override in parsed if override.is_sweep_override()}
+
+
+def run_name(base: str, named: tuple[str, ...] = ("model", "dataset", "dataset.category")) -> str:
+    """``base`` (``padim-synthetic-brick``) followed, in a sweep job, by the settings the sweep varies
+    (``padim-synthetic-brick n_features=50``), so that the sweep's runs tell apart in MLflow.
+
+    Settings already in ``base`` (``named``) are left out; a setting is named by its last key
+    (``model.n_features`` -> ``n_features``) unless two share it. Outside a sweep, ``base`` as it is.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not in_multirun():
+        return base
+    hydra_cfg = HydraConfig.get()
+    job = OverridesParser.create().parse_overrides([str(o) for o in hydra_cfg.overrides.task])
+    varied = swept_keys(hydra_cfg)
+    chosen = [o for o in job if o.key_or_group not in named and (varied is None or o.key_or_group in varied)]
+    short = [o.key_or_group.rsplit(".", 1)[-1] for o in chosen]
+    settings = [f"{name if short.count(name) == 1 else o.key_or_group}={o.get_value_element_as_str()}"
+                for name, o in zip(short, chosen, strict=True)]
+    return " ".join([base, *settings])
+
+
 def record_failure(job_dir: Path, error: str) -> None:
     """Write a failed job's error beside its config, atomically, for :func:`summarize` to find."""
     job_dir.mkdir(parents=True, exist_ok=True)

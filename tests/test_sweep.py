@@ -184,3 +184,35 @@ def test_optuna_search_goes_on_past_a_failed_trial(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("ad").experiment_id])
     assert {r.info.status for r in runs} == {"FAILED", "FINISHED"} and len(runs) == 3
+
+
+APP = '''
+import hydra
+from ad.sweep import run_name
+
+@hydra.main(version_base="1.3", config_path=None, config_name=None)
+def main(cfg):
+    print("NAME", run_name("padim-synthetic-" + str(cfg.dataset.category)))
+
+main()
+'''
+
+
+def test_run_names_carry_the_settings_a_sweep_varies(tmp_path):
+    # A real Hydra multirun: the job reads which settings vary from the multirun.yaml Hydra saves first.
+    (tmp_path / "app.py").write_text(APP)
+    sweep = ["+model.n_features=50,100", "+dataset.category=brick,grass", "+backbone.weights=random",
+             "+trainer.seed=1", "+model.seed=2,3"]
+    result = command(tmp_path, [sys.executable, "app.py", "-m", *sweep, f"hydra.sweep.dir={tmp_path}/sweep"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = sorted(line[5:] for line in result.stdout.splitlines() if line.startswith("NAME "))
+    assert len(names) == 8
+    # constants (weights, trainer.seed) and the category (already in the name) are left out, and a
+    # swept key is named by its last part (model.seed -> seed: the constant trainer.seed is not named)
+    assert names[0] == "padim-synthetic-brick n_features=100 seed=2"
+    assert "padim-synthetic-grass n_features=50 seed=3" in names
+
+    (tmp_path / "plain.py").write_text(APP)
+    single = command(tmp_path, [sys.executable, "plain.py", "+dataset.category=brick", "+model.n_features=50",
+                                f"hydra.run.dir={tmp_path}/run"])
+    assert single.stdout.strip() == "NAME padim-synthetic-brick"  # a single run keeps its plain name
