@@ -52,6 +52,10 @@ def last_line(result: subprocess.CompletedProcess) -> str:
     (["model=patchcore", "model.coreset_ratio=0"], "model.coreset_ratio: must be a number in (0, 1], got 0"),
     (["model=ganomaly", "model.wcon=heavy"], "model.wcon: must be a number, got 'heavy'"),  # type of its default
     (["model=stfpm", "model.layers=layer1"], "model.layers: must be a list, got 'layer1'"),
+    (["runtime.threads=0"], "runtime.threads: must be a whole number ≥ 1 (or null), got 0"),
+    (["runtime.prefetch_niceness=20"], "runtime.prefetch_niceness: must be a whole number in [0, 19], got 20"),
+    (["runtime.cache_max_gb=0"], "runtime.cache_max_gb: must be a number > 0, got 0"),
+    (["runtime.keep_freed_memory=maybe"], "runtime.keep_freed_memory: must be true or false, got 'maybe'"),
 ])
 def test_a_bad_value_is_a_config_error_naming_its_key(overrides, message):
     cfg = compose_config(*overrides)
@@ -64,6 +68,7 @@ def test_a_bad_value_is_a_config_error_naming_its_key(overrides, message):
 @pytest.mark.parametrize("overrides", [
     [], ["model=ganomaly", "model.wcon=0.5"], ["model=dfm", "model.pca_level=1"], ["trainer.max_epochs=null"],
     ["dataset=btad", "dataset.category=1"], ["model=ganomaly", "model.reinit_discriminator_below=null"],
+    ["runtime.threads=2", "runtime.cache_dir=/tmp/ad-cache", "runtime.prefetch_niceness=0"],
 ])
 def test_valid_values_pass(overrides):
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "padim")
