@@ -36,8 +36,9 @@ from ad.models.base import TrainableModel
 from ad.predictions import FILE as PREDICTIONS
 from ad.predictions import write_test_predictions
 from ad.scoring import TestOutputs, evaluate, progress, score, set_thresholds, threshold_results
+from ad.sweep import run_name as sweep_run_name
 from ad.sweep import sweep_tags
-from ad.tracking import BackgroundTracker, StoreError, check_tracking, store_folder
+from ad.tracking import BackgroundTracker, StoreError, check_tracking, logged_model_name, store_folder
 from ad.trainer import (
     Trainer,
     check_checkpoint,
@@ -247,7 +248,7 @@ def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
     choices = choice_names(cfg)
     model_name, dataset_name = choices["model"], choices["dataset"]
     category = str(cfg.dataset.get("category", dataset_name))
-    run_name = f"{model_name}-{dataset_name}-{category}"
+    run_name = sweep_run_name(f"{model_name}-{dataset_name}-{category}")  # with the settings a sweep varies
     tags = {"ad.model": model_name, "ad.backbone": cfg.backbone.name, "ad.dataset": dataset_name,
             "ad.category": category, **sweep_tags()}
     model = None
@@ -258,7 +259,7 @@ def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
         dtype = resolve_precision(cfg.trainer.precision, device)
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         dataset = build(cfg.dataset, "dataset")
-        check_dataset(dataset)
+        check_dataset(dataset, cfg.get("threshold"))
         tracker = BackgroundTracker(build(cfg.tracking, "tracking"))  # tracking overlaps the work
         resume = cfg.trainer.get("resume")
         if resume in (None, False) and (own := requeued_checkpoint(run_dir)) is not None:
@@ -268,7 +269,8 @@ def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
         if resume_from is not None:
             model = resumable_model(cfg, resume_from, model_name, device, precision)
     tracker.start(cfg, run_dir, run_name=run_name, tags=tags,
-                  resume_run_id=checkpoint_run_id(resume_from) if resume_from else None)
+                  resume_run_id=checkpoint_run_id(resume_from) if resume_from else None,
+                  start_time=time.time() - (time.perf_counter() - started))  # Duration = the whole command
     try:
         cache = open_cache(cfg.get("runtime"))
         if model is None:
@@ -291,7 +293,6 @@ def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
             else:
                 model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
             fit_s = time.perf_counter() - start
-            tracker.log_model(model)  # a copy, stored in the background while the test split is scored
 
             start = time.perf_counter()
             val_loader = make_loader(dataset.val_set(cache), cfg.trainer, device) if dataset.val else None
@@ -320,12 +321,16 @@ def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
         }
         tracker.set_tags({"ad.weights": model.weights_source, "ad.backbone": backbone_name,
                           "ad.category": dataset.category})  # as the dataset names it (BTAD 1 -> 01)
+        tracker.log_resolved({"weights": model.weights_source, "backbone": backbone_name, "precision": precision,
+                              "device": str(device), "image_size": dataset.image_size, "n_train": len(dataset.train),
+                              "n_val": len(dataset.val), "n_test": len(dataset.test), **model.resolved_settings()})
         tracker.log_metrics({k: float(v) for k, v in results.items()
                              if k in metrics or k.endswith(("_s", "_threshold", "_bound"))})
         write_test_predictions(run_dir / PREDICTIONS, dataset.test, outputs.scores.numpy(),
                                None if image_threshold is None else image_threshold.value)
         save_bundle(run_dir / "model", model, run_meta(
             cfg, model, model_name, dataset, precision, (image_threshold, pixel_threshold), results))
+        tracker.log_model(run_dir / "model", name=logged_model_name(model_name, backbone_name, dataset.category))
         tracker.log_artifact(run_dir / PREDICTIONS)
         log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)
         tracker.wait()

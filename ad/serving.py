@@ -35,24 +35,30 @@ def requirements() -> list[str]:
     return pinned
 
 
-class BundleModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc face of a bundle: images in, a score and a label per image out."""
+#: MLflow asks for type hints on ``predict``: its input is deliberately one of three kinds (see the module).
+UNTYPED_PREDICT = ".*type hints to the `predict` method"
 
-    def load_context(self, context) -> None:
-        from ad.bundle import load_bundle
+with warnings.catch_warnings():  # MLflow checks the hints as the class is made
+    warnings.filterwarnings("ignore", message=UNTYPED_PREDICT)
 
-        self.bundle = load_bundle(context.artifacts["bundle"])
+    class BundleModel(mlflow.pyfunc.PythonModel):
+        """The pyfunc face of a bundle: images in, a score and a label per image out."""
 
-    def predict(self, context, model_input, params=None):  # noqa: D102 - MLflow's signature, untyped on purpose
-        import pandas as pd
+        def load_context(self, context) -> None:
+            from ad.bundle import load_bundle
 
-        from ad.predict import read_images, score_images
-        from ad.predictions import labels_at
+            self.bundle = load_bundle(context.artifacts["bundle"])
 
-        images = as_images(model_input, self.bundle.image_size, read_images)
-        scores, _ = score_images(self.bundle, images, "cpu")
-        labels = labels_at(scores, self.bundle.image_threshold)
-        return pd.DataFrame({"score": scores.astype(np.float64), "label": labels})
+        def predict(self, context, model_input, params=None):  # noqa: D102 - MLflow's signature, untyped on purpose
+            import pandas as pd
+
+            from ad.predict import read_images, score_images
+            from ad.predictions import labels_at
+
+            images = as_images(model_input, self.bundle.image_size, read_images)
+            scores, _ = score_images(self.bundle, images, "cpu")
+            labels = labels_at(scores, self.bundle.image_threshold)
+            return pd.DataFrame({"score": scores.astype(np.float64), "label": labels})
 
 
 def as_images(model_input, size: int, read_images) -> np.ndarray:
@@ -85,16 +91,22 @@ def as_images(model_input, size: int, read_images) -> np.ndarray:
     return batch
 
 
-def log_bundle(bundle_dir: Path, name: str, run_id: str | None = None):
-    """Log ``bundle_dir`` as the run's MLflow model ``name`` (models from code; nothing pickled)."""
+def log_bundle(bundle_dir: Path, name: str, run_id: str):
+    """Log ``bundle_dir`` as run ``run_id``'s MLflow model ``name`` (models from code; nothing pickled).
+
+    Through ``Model.log``, which ``mlflow.pyfunc.log_model`` calls: it alone takes the run id, which a
+    tracker logging from its own thread needs (the fluent API's active run is per thread); the model
+    entry is made first in the run's experiment, which ``Model.log`` would take from the thread instead.
+    """
     import ad
 
-    # Model.log is what mlflow.pyfunc.log_model calls; it alone takes the run id, which a tracker
-    # logging from its own thread needs (the fluent API's active run is per thread)
-    with warnings.catch_warnings():  # "add type hints to predict": its input is deliberately one of three kinds
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+    with warnings.catch_warnings():  # and again as it loads the model's code
+        warnings.filterwarnings("ignore", message=UNTYPED_PREDICT)
         return mlflow.models.Model.log(
-            artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id,
+            artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
             python_model=str(Path(__file__).with_name("serving_model.py")),
             artifacts={"bundle": str(bundle_dir)}, code_paths=[str(Path(ad.__file__).parent)],
             pip_requirements=requirements(),

@@ -73,7 +73,13 @@ SCHEMA: dict[str, Rule] = {
     "backbone.name": Rule(str),
     "backbone.weights": Rule(str),
     "tracking.num_images": at_least(int, 0),
-    "tracking.log_model": Rule(bool),
+    # tracking.log_model (true, false or auto) is checked by the MLflow tracker as it is built
+    "dataset.val_ratio": Rule(float, low=0, high=1, open_high=True),
+    "threshold.method": Rule(str, choices=("false_reject_rate", "f1", "manual", "none")),
+    "threshold.false_reject_rate": Rule(float, low=0, high=1, open_low=True, open_high=True),
+    "threshold.pixel_false_reject_rate": Rule(float, low=0, high=1, open_low=True, open_high=True, nullable=True),
+    "threshold.value": Rule(float, nullable=True),
+    "threshold.pixel_value": Rule(float, nullable=True),
     "model.n_features": at_least(int, 1, nullable=True),
     "model.blur_sigma": at_least(float, 0),
     "model.lr": POSITIVE,
@@ -102,6 +108,21 @@ def check_config(cfg: DictConfig, model_name: str | None = None) -> None:
         found, value = lookup(cfg, key)
         if found:
             check_value(key, value, rule)
+    check_threshold(cfg)
+
+
+def check_threshold(cfg: DictConfig) -> None:
+    """The threshold settings that need one another: a manual threshold needs its value, a calibrated one images."""
+    found, method = lookup(cfg, "threshold.method")
+    if not found:
+        return
+    if method == "manual" and lookup(cfg, "threshold.value")[1] is None:
+        raise ConfigError("threshold.value: threshold.method=manual needs it; set threshold.value=<score>")
+    has_ratio, ratio = lookup(cfg, "dataset.val_ratio")
+    if method in ("false_reject_rate", "f1") and has_ratio and ratio == 0 \
+            and lookup(cfg, "dataset.abnormal_val_dir")[1] is None:
+        raise ConfigError(f"dataset.val_ratio: 0 leaves no validation images for threshold.method={method}; "
+                          "set dataset.val_ratio>0, or threshold.method=manual threshold.value=..., or none")
 
 
 def check_mandatory(cfg: DictConfig) -> None:
@@ -200,7 +221,7 @@ def model_rules(model_name: str | None) -> dict[str, Rule]:
     return rules
 
 
-def check_dataset(dataset) -> None:
+def check_dataset(dataset, threshold: DictConfig | None = None) -> None:
     """A ConfigError when the listed dataset cannot give a run: no training images, or an empty test split.
 
     Good images alone are a valid test split: the run sets its thresholds and measures the false-reject
@@ -209,6 +230,10 @@ def check_dataset(dataset) -> None:
     where = f"{dataset.name}/{dataset.category}"
     if not dataset.train:
         raise ConfigError(f"dataset: {where} has no training images; point the dataset at a folder of good images")
+    found, method = lookup(threshold, "method") if threshold is not None else (False, None)
+    if found and method == "f1" and not any(sample.label == 1 for sample in dataset.val):
+        raise ConfigError(f"threshold.method=f1: the validation split of {where} has no defective images; "
+                          f"set dataset.abnormal_val_dir (dataset=folder), or threshold.method=false_reject_rate")
     if not dataset.test:
         raise ConfigError(f"dataset: the test split of {where} is empty; add test images (dataset=folder: "
                           f"dataset.test_split_ratio>0, dataset.normal_test_dir= or dataset.abnormal_dir=)")

@@ -110,3 +110,21 @@ def test_seeded_split_is_stable_and_checked() -> None:
     assert seeded_split(paths, 0.0, 7, "k") == (paths, [])
     with pytest.raises(ADError, match="dataset.val_ratio"):
         seeded_split(paths[:1], 0.5, 7, "dataset.val_ratio")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("threshold.method=median", "threshold.method: 'median' is not one of"),
+    ("threshold.false_reject_rate=0", "threshold.false_reject_rate: must be"),
+    ("threshold.method=manual", "threshold.value: threshold.method=manual needs it"),
+    ("dataset.val_ratio=0", "dataset.val_ratio: 0 leaves no validation images"),
+    ("dataset.val_ratio=1.0", "dataset.val_ratio: must be"),
+])
+def test_threshold_settings_are_checked_before_anything_runs(override, message):
+    from helpers import compose_config
+
+    from ad.errors import ConfigError
+    from ad.validate import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_config(override), "padim")
+    check_config(compose_config("dataset.val_ratio=0", "threshold.method=none"), "padim")

@@ -208,24 +208,32 @@ def test_deleted_experiment_is_a_user_error(tracking_uri, tmp_path):
         MLflowTracker(uri=tracking_uri, experiment="gone").start(make_cfg(), tmp_path, "r", {})
 
 
-def test_log_model_round_trips(tracking_uri, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+def fake_bundle(folder: Path) -> Path:
+    """A folder shaped like a model bundle (what MLflow copies; ad.serving's tests load a real one)."""
+    folder.mkdir(parents=True)
+    (folder / "bundle.json").write_text('{"format": "ad-bundle"}')
+    (folder / "model.safetensors").write_bytes(b"tensors")
+    return folder
+
+
+def test_log_model_logs_the_bundle_as_a_pyfunc_model(tracking_uri, tmp_path):
     tracker = started(tracking_uri, tmp_path)
-    model = TinyNet().eval()
-    tracker.log_model(model)
+    tracker.log_model(fake_bundle(tmp_path / "model"), "padim-resnet18-brick")
     run_id = tracker.run_id
     tracker.end()
     outputs = MlflowClient(tracking_uri).get_run(run_id).outputs.model_outputs
     assert len(outputs) == 1
+    model = MlflowClient(tracking_uri).get_logged_model(outputs[0].model_id)
+    assert model.name == "padim-resnet18-brick"
     mlflow.set_tracking_uri(tracking_uri)
-    loaded = mlflow.pytorch.load_model(f"models:/{outputs[0].model_id}")
-    x = torch.randn(1, 3, 8, 8)
-    torch.testing.assert_close(loaded(x), model(x))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model.model_id}", dst_path=str(tmp_path / "dl")))
+    assert (local / "artifacts" / "model" / "bundle.json").is_file() or list(local.rglob("bundle.json"))
+    assert "python_function" in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
 
 
 def test_log_model_disabled(tracking_uri, tmp_path):
     tracker = started(tracking_uri, tmp_path, log_model=False)
-    tracker.log_model(TinyNet())
+    tracker.log_model(fake_bundle(tmp_path / "model"))
     run_id = tracker.run_id
     tracker.end()
     assert not MlflowClient(tracking_uri).get_run(run_id).outputs.model_outputs
@@ -271,7 +279,7 @@ def test_null_tracker_does_nothing(tmp_path):
     tracker.set_tags({"ad.weights": "random"})
     tracker.log_image(np.zeros((2, 2, 3), np.uint8), "anomaly_maps/0.png")
     tracker.log_artifact(tmp_path)
-    tracker.log_model(TinyNet())
+    tracker.log_model(tmp_path / "model")
     tracker.end("FAILED", error="x")
     tracker.end()
     assert list(tmp_path.iterdir()) == []
@@ -494,8 +502,9 @@ def test_logged_model_name(parts, name):
 def test_the_model_is_named_after_method_backbone_and_category(tracking_uri, tmp_path):
     tracker = MLflowTracker(uri=tracking_uri)
     tracker.start(make_cfg(), tmp_path, "r", {"ad.model": "padim", "ad.backbone": "resnet18", "ad.category": "brick"})
-    tracker.log_model(TinyNet())
-    tracker.log_model(TinyNet(), name="explicit")
+    bundle = fake_bundle(tmp_path / "model")
+    tracker.log_model(bundle)
+    tracker.log_model(bundle, name="explicit")
     run_id = tracker.run_id
     tracker.end()
     client = MlflowClient(tracking_uri)

@@ -35,6 +35,10 @@ class AnomalyModel(nn.Module):
     def forward(self, images: torch.Tensor) -> Prediction:
         raise NotImplementedError
 
+    def resolved_settings(self) -> dict:
+        """Settings the method chose itself from what was asked (PaDiM's feature count for null), for the record."""
+        return {}
+
     def load_fitted_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a fitted model's tensors into a freshly built one (strict): buffers take their fitted shapes.
 

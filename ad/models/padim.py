@@ -73,6 +73,9 @@ class Padim(AnomalyModel):
         """How many kept channels come from layers before the last one (they lead: channels are sorted)."""
         return int((self.channel_idx < sum(self.extractor.channels[:-1])).sum())
 
+    def resolved_settings(self) -> dict:
+        return {"n_features": len(self.channel_idx)}
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (P, B, C) fp32 patch embeddings on the first layer's grid, position-major.
 

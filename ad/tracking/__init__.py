@@ -9,7 +9,7 @@ MLflow is imported lazily so that ``tracking=none`` works without it.
 
 from ad.tracking.background import BackgroundTracker
 from ad.tracking.base import NullTracker, Tracker, config_params, flatten_config, logged_model_name
-from ad.tracking.mlflow_tracker import MLflowTracker, pinned_requirements, quiet_mlflow_logs
+from ad.tracking.mlflow_tracker import MLflowTracker, quiet_mlflow_logs
 from ad.tracking.store import StoreError, check_store, check_tracking, resolve_tracking_uri, sqlite_path, store_folder
 from ad.tracking.ui import experiment_url, open_command, run_url
 
@@ -26,7 +26,6 @@ __all__ = [
     "flatten_config",
     "logged_model_name",
     "open_command",
-    "pinned_requirements",
     "quiet_mlflow_logs",
     "resolve_tracking_uri",
     "run_url",

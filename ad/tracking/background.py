@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,6 @@ from ad.tracking.base import Tracker
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
     from omegaconf import DictConfig
 
 
@@ -92,12 +90,11 @@ class BackgroundTracker(Tracker):
     def log_image(self, image: np.ndarray, name: str) -> None:
         self._submit("log_image", image, name)
 
-    def log_model(self, model: torch.nn.Module, name: str | None = None) -> None:
-        """Log a copy taken now, moved to the CPU on the worker: the run goes on scoring with the model."""
+    def log_model(self, bundle: Path, name: str | None = None) -> None:
+        """Log the bundle folder on the worker (it is written whole before this is called)."""
         if not self.inner.save_model:
             return
-        snapshot = copy.deepcopy(model)
-        self._submit_call(lambda: self.inner.log_model(snapshot.cpu(), name))
+        self._submit_call(lambda: self.inner.log_model(bundle, name))
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Finish whatever is queued, then end the run; a queued failure turns FINISHED into FAILED."""

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
     from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,9 @@ class Tracker:
     def log_image(self, image: np.ndarray, name: str) -> None:
         """Store a uint8 HxWx3 image under ``name`` (e.g. ``anomaly_maps/000_good.png``)."""
 
-    def log_model(self, model: torch.nn.Module, name: str | None = None) -> None:
-        """Store the fitted model, under ``name`` or else one made of the run's method, backbone and category."""
+    def log_model(self, bundle: Path, name: str | None = None) -> None:
+        """Store the run's model bundle folder as its model, under ``name`` or else one made of the run's
+        method, backbone and category."""
 
     def prepare(self) -> None:
         """Warm up what later logging needs (called on a background thread while the job runs)."""

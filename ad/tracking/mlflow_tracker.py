@@ -22,7 +22,6 @@ from ad.tracking.store import DiskReserve, check_uri, resolve_tracking_uri, sqli
 from ad.tracking.ui import experiment_tags, experiment_url, open_command, run_url
 
 if TYPE_CHECKING:
-    import torch
     from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 ERROR_TAG_LENGTH = 5000  # MLflow allows 8000; the head of a message is what people read
 LOCK_TIMEOUT_S = 600.0
 #: Packages pinned in a logged model's requirements when installed (torch and cloudpickle come from MLflow).
-MODEL_REQUIREMENTS = ("numpy", "timm", "faiss-cpu", "faiss-gpu")
 #: Metrics shown as columns of the experiment's shared runs-table view.
 DEFAULT_COLUMNS = ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO", "total_s")
 #: System tags MLflow's fluent API would set, which the runs table shows (user, source).
@@ -46,21 +44,6 @@ def quiet_mlflow_logs() -> None:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-
-
-def pinned_requirements() -> list[str]:
-    """Explicit pip requirements for a logged model, so MLflow skips inferring them by importing the model."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import mlflow.pytorch
-
-    reqs = list(mlflow.pytorch.get_default_pip_requirements())
-    for package in MODEL_REQUIREMENTS:
-        try:
-            reqs.append(f"{package}=={version(package).split('+')[0]}")
-        except PackageNotFoundError:
-            continue
-    return reqs
 
 
 def wants_model(log_model: bool | str) -> bool:
@@ -290,31 +273,23 @@ class MLflowTracker(Tracker):
         try:
             from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
-            warn_dependency_requirement_mismatches(pinned_requirements())
+            from ad.serving import requirements
+
+            warn_dependency_requirement_mismatches(requirements())
         except Exception as exc:  # only a warm-up: log_model works without it
             log.debug("MLflow requirement check ahead of log_model skipped: %s", exc)
 
-    def log_model(self, model: torch.nn.Module, name: str | None = None) -> None:
-        """Log the model as an MLflow ``pytorch`` model (pickled) under ``name`` (default: method-backbone-category).
-
-        Pickle keeps custom classes and non-tensor state; loading it back needs the ``ad``
-        package importable and ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``.
-        """
+    def log_model(self, bundle: Path, name: str | None = None) -> None:
+        """Log the run's model bundle as its MLflow model (a pyfunc from code: nothing pickled, see ``ad.serving``)."""
         if not self.save_model:
             return
         import mlflow
-        import mlflow.pytorch
+
+        from ad.serving import log_bundle
 
         run_id = self._require_run()
-        mlflow.set_tracking_uri(self._uri)  # log_model writes to MLflow's current store
-        pytorch_log = logging.getLogger("mlflow.pytorch")
-        level = pytorch_log.level
-        pytorch_log.setLevel(logging.ERROR)  # drop the per-call "pickle needs caution" warning
-        try:
-            mlflow.pytorch.log_model(model, name=name or self.model_name, pip_requirements=pinned_requirements(),
-                                     serialization_format="pickle", run_id=run_id)
-        finally:
-            pytorch_log.setLevel(level)
+        mlflow.set_tracking_uri(self._uri)  # Model.log writes to MLflow's current store
+        log_bundle(Path(bundle), name or self.model_name, run_id)
 
     # -- helpers -------------------------------------------------------------------------------
 
