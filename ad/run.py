@@ -130,7 +130,26 @@ def format_table(results: dict) -> str:
              f"{results['dataset']}/{results['category']}")
     rows = [f"  {key:<12} {results[key]:.4f}" if key in results else f"  {key:<12} —" for key in METRIC_KEYS]
     timing = f"  fit {results['fit_s']:.2f} s · test {results['test_s']:.2f} s · {results['device']}"
-    return "\n".join([title, *rows, *operating_point(results), timing])
+    ending = footer(results) if "run_dir" in results else []
+    return "\n".join([title, *rows, *operating_point(results), timing, *ending])
+
+
+def where_to_look(run_dir: Path, links: dict[str, str]) -> dict[str, str]:
+    """Where the run's results are: its folder, and its MLflow run with the link that opens it."""
+    found = {"run_dir": str(run_dir)}
+    if links:
+        found.update(mlflow_run_id=links["run_id"], mlflow_url=links["experiment_url"],
+                     mlflow_open=links["open_command"])
+    return found
+
+
+def footer(results: dict) -> list[str]:
+    """The summary's closing lines: the run folder, then the MLflow run and how to open it."""
+    lines = [f"  results      {results['run_dir']}  (metrics.json, predictions.csv, model/)"]
+    if results.get("mlflow_run_id"):
+        start = f"{results['mlflow_open']}, then " if results.get("mlflow_open") else ""
+        lines.append(f"  MLflow run   {results['mlflow_run_id']}: {start}{results['mlflow_url']}")
+    return lines
 
 
 def operating_point(results: dict) -> list[str]:
@@ -338,6 +357,7 @@ def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
             cache.evict()
         # the whole command (start-up, data, tracking and cache writes included), beside fit_s and test_s
         results["total_s"] = round(time.perf_counter() - started, 3)
+        results.update(where_to_look(run_dir, tracker.links()))
         write_json(run_dir / "metrics.json", results)
         tracker.log_metrics({"total_s": results["total_s"]})
         tracker.log_artifact(run_dir / "metrics.json")

@@ -8,7 +8,6 @@ a uint8 (N, H, W, 3) image batch, and returns a DataFrame with ``score`` and ``l
 
 from __future__ import annotations
 
-import warnings
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
@@ -35,30 +34,35 @@ def requirements() -> list[str]:
     return pinned
 
 
-#: MLflow asks for type hints on ``predict``: its input is deliberately one of three kinds (see the module).
-UNTYPED_PREDICT = ".*type hints to the `predict` method"
+class BundleScoring:
+    """``predict`` of the pyfunc model: images in, a score and a label per image out.
 
-with warnings.catch_warnings():  # MLflow checks the hints as the class is made
-    warnings.filterwarnings("ignore", message=UNTYPED_PREDICT)
+    A plain base class, so MLflow does not wrap it in its type-hint validation (it checks a
+    ``predict`` defined on the PythonModel subclass itself): the input is deliberately one of three
+    kinds, which no single hint describes.
+    """
 
-    class BundleModel(mlflow.pyfunc.PythonModel):
-        """The pyfunc face of a bundle: images in, a score and a label per image out."""
+    bundle: object
 
-        def load_context(self, context) -> None:
-            from ad.bundle import load_bundle
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
 
-            self.bundle = load_bundle(context.artifacts["bundle"])
+        from ad.predict import read_images, score_images
+        from ad.predictions import labels_at
 
-        def predict(self, context, model_input, params=None):  # noqa: D102 - MLflow's signature, untyped on purpose
-            import pandas as pd
+        images = as_images(model_input, self.bundle.image_size, read_images)
+        scores, _ = score_images(self.bundle, images, "cpu")
+        labels = labels_at(scores, self.bundle.image_threshold)
+        return pd.DataFrame({"score": scores.astype(np.float64), "label": labels})
 
-            from ad.predict import read_images, score_images
-            from ad.predictions import labels_at
 
-            images = as_images(model_input, self.bundle.image_size, read_images)
-            scores, _ = score_images(self.bundle, images, "cpu")
-            labels = labels_at(scores, self.bundle.image_threshold)
-            return pd.DataFrame({"score": scores.astype(np.float64), "label": labels})
+class BundleModel(BundleScoring, mlflow.pyfunc.PythonModel):
+    """The pyfunc face of a bundle, loaded from the model's ``bundle`` artifact."""
+
+    def load_context(self, context) -> None:
+        from ad.bundle import load_bundle
+
+        self.bundle = load_bundle(context.artifacts["bundle"])
 
 
 def as_images(model_input, size: int, read_images) -> np.ndarray:
@@ -103,11 +107,9 @@ def log_bundle(bundle_dir: Path, name: str, run_id: str):
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(run_id).info.experiment_id
     logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
-    with warnings.catch_warnings():  # and again as it loads the model's code
-        warnings.filterwarnings("ignore", message=UNTYPED_PREDICT)
-        return mlflow.models.Model.log(
-            artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
-            python_model=str(Path(__file__).with_name("serving_model.py")),
-            artifacts={"bundle": str(bundle_dir)}, code_paths=[str(Path(ad.__file__).parent)],
-            pip_requirements=requirements(),
-        )
+    return mlflow.models.Model.log(
+        artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
+        python_model=str(Path(__file__).with_name("serving_model.py")),
+        artifacts={"bundle": str(bundle_dir)}, code_paths=[str(Path(ad.__file__).parent)],
+        pip_requirements=requirements(),
+    )
