@@ -70,7 +70,7 @@ class Patchcore(AnomalyModel):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, C, h, w) locally aggregated patch features on the first layer's grid.
 
-        Channels-last throughout: pooling and upsampling run 3x faster on the CPU, and the
+        Channels-last throughout: pooling and upsampling run faster on the CPU, and the
         (patches, C) rows the memory bank and the search need are then a view, not a copy.
         """
         features = [f.contiguous(memory_format=torch.channels_last) for f in self.extractor(images)]
@@ -152,12 +152,13 @@ class Patchcore(AnomalyModel):
         bank_digest = self._from_bank("digest", lambda bank: digest("bank", bank.detach().cpu().contiguous().numpy()))
         keys = pixel_digests(images, NEAREST_CACHE_TAG, bank_digest, self.index_kind, self.extractor.identity())
 
-        def search(missing: list[int]) -> list[list[torch.Tensor]]:
-            distances, index = self.nearest(patches[missing].reshape(-1, patches.shape[-1]))
+        def search_misses(missing: list[int]) -> list[list[torch.Tensor]]:
+            rows = patches if len(missing) == len(keys) else patches[missing]
+            distances, index = self.nearest(rows.reshape(-1, patches.shape[-1]))
             return [[d.clone(), i.clone()] for d, i in zip(distances.view(len(missing), -1).cpu(),
                                                          index.view(len(missing), -1).cpu(), strict=True)]
 
-        found, _ = lookup_or_compute(keys, lambda key: cache.load("nearest", key), search,
+        found, _ = lookup_or_compute(keys, lambda key: cache.load("nearest", key), search_misses,
                                      lambda key, value: cache.save_async("nearest", key, value))
         return tuple(torch.cat([entry[k] for entry in found]).to(patches.device) for k in (0, 1))
 

@@ -43,8 +43,8 @@ class FarthestFirst:
 
     On a GPU every row is updated by one matrix-vector product, without host syncs. On the CPU
     only rows the new centre can come closer to are visited: a row p owned by centre a cannot when
-    |c - a|^2 >= 4 |p - a|^2 (triangle inequality), which on real features leaves under 10% of the
-    rows after the first picks; when it leaves too many, a faiss range search finds the rows within
+    |c - a|^2 >= 4 |p - a|^2 (triangle inequality), which on real features leaves a small share of
+    the rows after the first picks; when it leaves too many, a faiss range search finds the rows within
     the current covering radius of c (a single streaming pass, and the only rows a new centre can
     move). Either way the picks are unchanged.
 
@@ -57,7 +57,7 @@ class FarthestFirst:
     def __init__(self, features: torch.Tensor, capacity: int, exhaustive: bool | None = None) -> None:
         n, dim = features.shape
         self.features, self.prune = features, not (features.is_cuda if exhaustive is None else exhaustive)
-        # padded to whole blocks for a two-level argmax (a flat CPU argmax is 10x slower); pads never win
+        # padded to whole blocks for a two-level argmax (a flat CPU argmax is much slower); pads never win
         self.padded = torch.full((-(-n // ARGMAX_BLOCK) * ARGMAX_BLOCK,), -torch.inf, device=features.device)
         self.min_d = self.padded[:n].fill_(torch.inf)
         if self.prune:
