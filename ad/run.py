@@ -58,11 +58,20 @@ METRIC_KEYS = ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_AUPRO")
 RESULT_KEYS = (*METRIC_KEYS, "fit_s", "test_s", "total_s")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so a run repeats exactly."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python, NumPy and torch seeded for the block, so a run repeats exactly; their states restored after it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -261,9 +270,14 @@ def run(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict:
     ``ad.runtime``). ``started``: the ``time.perf_counter()`` the whole command began at, so that
     total_s counts its start-up; by default total_s counts from this call.
     """
+    with seeded(int(cfg.seed)):
+        return fit_and_evaluate(cfg, run_dir, started)
+
+
+def fit_and_evaluate(cfg: DictConfig, run_dir: Path, started: float | None) -> dict:
+    """``run``'s work, inside its seeded random state."""
     started = time.perf_counter() if started is None else started
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(int(cfg.seed))
     choices = choice_names(cfg)
     model_name, dataset_name = choices["model"], choices["dataset"]
     category = str(cfg.dataset.get("category", dataset_name))

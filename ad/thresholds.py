@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import beta
+from scipy.special import betaincinv  # scipy.stats would add a second to every command's start-up
 
 from ad.errors import ADError
 
@@ -84,7 +84,7 @@ def from_f1(scores: np.ndarray, labels: np.ndarray) -> Threshold:
 
 def false_reject_rate_bound(n: int, k: int) -> float:
     """95% upper bound on the false-reject rate of a threshold just above the k-th smallest of n good scores."""
-    return float(beta.ppf(CONFIDENCE, n + 1 - k, k))
+    return float(betaincinv(n + 1 - k, k, CONFIDENCE))  # the Beta(n + 1 - k, k) quantile
 
 
 def calibrate(settings, scores: np.ndarray | None, labels: np.ndarray | None) -> Threshold | None:

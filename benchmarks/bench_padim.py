@@ -192,15 +192,28 @@ def run_trainer_settings() -> dict:
     dtype = resolve_precision(str(trainer.precision), torch.device("cpu"))
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return {"precision": precision, "channels_last": bool(trainer.channels_last), "batch_size": int(trainer.batch_size),
-            "keep_freed_memory": bool(trainer.get("keep_freed_memory", False))}
+            "keep_freed_memory": bool(runtime_settings().get("keep_freed_memory", False))}
+
+
+def runtime_settings():
+    """The ``runtime`` group's defaults, or the ``trainer`` group's where an older ``ad`` kept them there."""
+    from omegaconf import OmegaConf
+
+    from ad.launch import CONF_DIR
+
+    folder = CONF_DIR / "runtime"
+    return OmegaConf.load(folder / "default.yaml" if folder.is_dir() else CONF_DIR / "trainer" / "default.yaml")
 
 
 def tune_allocator(settings: dict) -> bool:
-    """Give the floors the malloc settings the run has (``trainer.keep_freed_memory``), so that both
+    """Give the floors the malloc settings the run has (``runtime.keep_freed_memory``), so that both
     floors are measured without the page faults the run avoids: the floor stays the strictest one."""
     if not settings["keep_freed_memory"]:
         return False
-    from ad.allocator import keep_freed_memory
+    try:
+        from ad.runtime.allocator import keep_freed_memory
+    except ImportError:  # an older ad
+        from ad.allocator import keep_freed_memory
 
     return keep_freed_memory()
 
@@ -258,12 +271,8 @@ def ad_columns(args: argparse.Namespace) -> list[str]:
 
 
 def has_feature_cache() -> bool:
-    """Whether this version of ``ad`` caches decoded images and features on disk (trainer.feature_cache)."""
-    from omegaconf import OmegaConf
-
-    from ad.launch import CONF_DIR
-
-    return bool(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml").get("feature_cache", False))
+    """Whether this version of ``ad`` caches decoded images and features on disk (runtime.feature_cache)."""
+    return bool(runtime_settings().get("feature_cache", False))
 
 
 def timed(command: list[str], cwd: Path, log: Path, env: dict | None = None) -> float:
@@ -373,7 +382,7 @@ def format_report(r: dict) -> str:
              f"| floor: ad FeatureExtractor | {secs(fa)} | {ratio(fa, ft)} | 1.00× | as the run uses it: "
              f"{st['precision']}, channels_last={st['channels_last']} |"]
     if st.get("keep_freed_memory"):
-        head += "Both floors ran with the run's malloc setting (trainer.keep_freed_memory: no page faults per batch).\n"
+        head += "Both floors ran with the run's malloc setting (runtime.keep_freed_memory: no page faults per batch).\n"
     for key, label, detail in FIT_TEST_ROWS:
         if key in r:
             x = r[key]

@@ -152,10 +152,10 @@ def test_damaged_array_entry_is_a_miss_and_is_removed(tmp_path):
 
 def test_second_run_reuses_features_and_gives_identical_results(tmp_path, monkeypatch):
     overrides = ["tracking=none", "backbone.weights=random", "dataset.image_size=64", "dataset.n_train=8",
-                 "dataset.n_test_good=4", "dataset.n_test_defect=4", f"trainer.cache_dir={tmp_path / 'cache'}"]
+                 "dataset.n_test_good=4", "dataset.n_test_defect=4", f"runtime.cache_dir={tmp_path / 'cache'}"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-        uncached = compose("config", overrides=[*overrides, "trainer.feature_cache=false"])
+        uncached = compose("config", overrides=[*overrides, "runtime.feature_cache=false"])
     first = run(cfg, tmp_path / "a")
     calls = []
     compute = FeatureExtractor.compute

@@ -429,7 +429,7 @@ def test_an_error_in_a_loader_worker_is_one_line_in_the_error_tag(tmp_path, trac
     victim = sorted((root / "widget" / "train" / "good").iterdir())[0]
     victim.write_bytes(b"not an image")
     cfg = compose_config("dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "dataset.image_size=32",
-                         "backbone.weights=random", "trainer.num_workers=1", "trainer.feature_cache=false",
+                         "backbone.weights=random", "trainer.num_workers=1", "runtime.feature_cache=false",
                          f"tracking.uri={tracking_uri}")
     with pytest.raises(ADError):
         run(cfg, tmp_path / "run")
@@ -514,7 +514,7 @@ def test_run_rejects_an_unusable_store_before_any_work(tmp_path):
 def test_a_cache_folder_that_cannot_be_written_is_turned_off_with_one_warning_and_the_run_goes_on(tmp_path):
     (tmp_path / "a-file").write_text("")  # a folder below a regular file: unwritable even for root
     cache_dir = tmp_path / "a-file" / "cache"
-    code, lines, _ = launch(tmp_path, f"trainer.cache_dir={cache_dir}", "tracking=none", "dataset.image_size=64",
+    code, lines, _ = launch(tmp_path, f"runtime.cache_dir={cache_dir}", "tracking=none", "dataset.image_size=64",
                             "backbone.weights=random", "dataset.n_train=4", "dataset.n_test_good=2",
                             "dataset.n_test_defect=2", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0, lines[-20:]
@@ -536,7 +536,7 @@ def test_a_cache_disk_that_fills_mid_run_turns_writing_off_with_one_warning(tmp_
 
     monkeypatch.setattr(ad.cache, "_torch_save", full)  # every backbone-feature entry meets a full disk
     cfg = compose_config(*TINY_PADIM, "tracking=none",
-                         f"trainer.cache_dir={tmp_path / 'cache'}", "trainer.batch_size=2")
+                         f"runtime.cache_dir={tmp_path / 'cache'}", "trainer.batch_size=2")
     with caplog.at_level(logging.WARNING, logger="ad.cache"):
         results = run(cfg, tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if r.name == "ad.cache"]
@@ -556,7 +556,7 @@ def test_a_full_disk_for_checkpoints_is_one_line_and_the_run_ends_failed(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    cfg = compose_config(*TRAIN, "trainer.max_epochs=1", "trainer.feature_cache=false", f"tracking.uri={tracking_uri}")
+    cfg = compose_config(*TRAIN, "trainer.max_epochs=1", "runtime.feature_cache=false", f"tracking.uri={tracking_uri}")
     with pytest.raises(ADError) as failed:
         run(cfg, tmp_path / "run")
     message = str(failed.value)
@@ -607,7 +607,7 @@ def test_a_cache_on_a_disk_that_really_fills_turns_writing_off_once(small_disk, 
     from ad.run import run
 
     cfg = compose_config(*TINY_PADIM, "tracking=none",
-                         f"trainer.cache_dir={small_disk / 'cache'}", "trainer.batch_size=4")
+                         f"runtime.cache_dir={small_disk / 'cache'}", "trainer.batch_size=4")
     with caplog.at_level(logging.WARNING, logger="ad.cache"):
         results = run(cfg, tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if r.name == "ad.cache"]
@@ -620,7 +620,7 @@ def test_checkpoints_on_a_disk_that_really_fills_are_one_line_and_the_run_ends_f
 
     from ad.run import run
 
-    cfg = compose_config(*TRAIN, "trainer.max_epochs=1", "trainer.feature_cache=false", f"tracking.uri={tracking_uri}")
+    cfg = compose_config(*TRAIN, "trainer.max_epochs=1", "runtime.feature_cache=false", f"tracking.uri={tracking_uri}")
     with pytest.raises(ADError, match=rf"^no space left on {small_disk / 'run' / 'checkpoints'} \(writing last\.pt\)"):
         run(cfg, small_disk / "run")
     mlflow_run = the_run(tracking_uri)
@@ -652,7 +652,7 @@ def test_a_tracking_store_whose_disk_fills_is_one_line_and_the_run_is_not_left_r
     from ad.run import run
 
     uri = f"sqlite:///{store_disk / 'mlflow.db'}"
-    cfg = compose_config(*TINY_PADIM, "trainer.feature_cache=false",
+    cfg = compose_config(*TINY_PADIM, "runtime.feature_cache=false",
                          f"tracking.uri={uri}")  # the model logged into the store does not fit
     with pytest.raises(ADError, match=rf"^no space left on {store_disk}") as failed:
         run(cfg, tmp_path / "run")

@@ -29,7 +29,9 @@ SIDE_EFFECTS = textwrap.dedent("""
     from ad.runtime import allocator
 
     def state():
-        return {"gc_frozen": gc.get_freeze_count(), "torch_threads": torch.get_num_threads(),
+        import random, numpy
+        rngs = [random.getstate()[1][:4], numpy.random.get_state()[1][:4].tolist(), torch.random.get_rng_state()[:16].tolist()]
+        return {"random_states": str(rngs), "gc_frozen": gc.get_freeze_count(), "torch_threads": torch.get_num_threads(),
                 "interop_threads": torch.get_num_interop_threads(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
                 "malloc_kept_limit": allocator.kept_limit, "omp_env": os.environ.get("OMP_NUM_THREADS")}
 

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: Names that need torch, loaded on first use: finding and decoding files (the start-up prefetch
-#: side process, ``ad.prefetch``) then never pays for importing torch.
+#: side process, ``ad.runtime.prefetch``) then never pays for importing torch.
 _TENSOR_NAMES = {"ImageDataset", "collate", "denormalize", "normalize", "normalize_batch"}
 
 

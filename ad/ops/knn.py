@@ -280,7 +280,6 @@ class NearestNeighbours:
 
     def faiss_search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, D) queries -> (M,) squared distance to, and (M,) index of, the nearest row in the faiss index (CPU)."""
-        faiss.omp_set_num_threads(torch.get_num_threads())
         squared, index = self.index.search(queries.detach().float().cpu().contiguous().numpy(), 1)
         return torch.from_numpy(squared[:, 0]), torch.from_numpy(index[:, 0])
 
@@ -300,6 +299,5 @@ class NearestNeighbours:
                 warnings.warn("faiss has no GPU support here (pip install 'ad[gpu]'); searching on the CPU",
                               stacklevel=3)
                 bank = bank.cpu()
-            faiss.omp_set_num_threads(torch.get_num_threads())
             self._index = faiss_index(bank, self.kind)
         return self._index[0]

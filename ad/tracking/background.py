@@ -20,7 +20,7 @@ class BackgroundTracker(Tracker):
     Opening MLflow's store (imports, schema check) and logging a model cost seconds of Python that
     need not hold up fitting and scoring. The thread runs at the run's own priority: the run waits
     for it at its end, and a thread at lowered priority would then stall the run for as long as
-    ordinary load keeps the cores busy (see ``ad.priority``). Calls return at once; a failed call
+    ordinary load keeps the cores busy (see ``ad.runtime.priority``). Calls return at once; a failed call
     is re-raised on the next call or by :meth:`wait`, and :meth:`end` waits for everything queued.
     The run's start time is taken when :meth:`start` is called, not when the thread gets to it.
     """
