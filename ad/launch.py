@@ -303,8 +303,53 @@ def main() -> None:
         _command_started = None
 
 
+HELP = """\
+ad: visual anomaly detection. Fits a method on good images, scores the test split, sets an
+operating threshold on held-out good images, and records everything (run folder, MLflow).
+
+usage: ad [KEY=VALUE ...]          one run, composed by Hydra from conf/ (python -m ad.launch: the same)
+       ad -m KEY=A,B ...           a sweep: one run per combination
+       ad --cfg job [KEY=VALUE]    print the composed config without running
+       ad --version | --hydra-help
+
+common runs:
+  ad                                                     PaDiM on the built-in textures (no download)
+  ad model=patchcore dataset=mvtec dataset.root=/data/MVTecAD dataset.category=bottle
+  ad dataset=folder dataset.normal_dir=/data/good        good images only: fit, threshold, false-reject rate
+  ad model=stfpm trainer.max_epochs=20 trainer.device=cuda
+  ad -m model=padim,patchcore dataset.category=all       a benchmark sweep over every category
+
+then:
+  python -m ad.predict RUN_FOLDER IMAGES...              flag new images with a run's model bundle
+  python -m ad.report [--html]                           compare runs and sweeps
+  mlflow ui                                              browse the runs (open the link a run prints)
+
+groups: model (padim patchcore dfm dfkde stfpm reverse_distillation cflow ganomaly), dataset (synthetic
+mvtec btad visa folder), backbone, trainer, threshold, tracking, runtime. README.md lists every setting.
+"""
+
+
+def version_text() -> str:
+    """``ad``'s version and those of the libraries that compute its numbers (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in ("ad", "torch", "timm", "hydra-core", "mlflow"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return " · ".join(parts)
+
+
 def launch() -> None:
     """Check the overrides, run the job or sweep, report, and exit with the documented code."""
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print(HELP, end="")
+        return
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        print(version_text())
+        return
     try:
         args = expand_all_categories(sys.argv[1:])
     except ADError as exc:

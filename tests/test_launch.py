@@ -10,6 +10,7 @@ import pytest
 from helpers import TINY, compose_config
 from mlflow.tracking import MlflowClient
 
+import ad
 from ad.data.synthetic import make_mvtec_layout
 from ad.errors import ADError
 from ad.run import run
@@ -224,3 +225,12 @@ def test_a_patchcore_run_prints_no_library_loader_noise(tmp_path, monkeypatch, t
     assert done.returncode == 0, done.stderr[-2000:]
     output = done.stdout + done.stderr
     assert not any(noise in output for noise in ("faiss.loader", "ModuleNotFoundError", "fontManager"))
+
+
+def test_help_and_version_describe_ad():
+    helped = subprocess.run([sys.executable, "-m", "ad.launch", "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and helped.stdout.startswith("ad: visual anomaly detection")
+    assert "ad.predict" in helped.stdout and "dataset=folder" in helped.stdout
+    version = subprocess.run([sys.executable, "-m", "ad.launch", "--version"], capture_output=True, text=True,
+                             timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith(f"ad {ad.__version__} · torch ")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import os
 from collections.abc import Iterator
 
 from omegaconf import DictConfig
@@ -36,6 +37,8 @@ def freeze_gc_at_exit() -> None:
 def applied(cfg: DictConfig) -> Iterator[None]:
     """Tune this process for the run of ``cfg`` (``cfg.runtime``) and prefetch its images during the block."""
     settings = cfg.get("runtime") or {}
+    # one progress bar per run: MLflow's own, for copying each logged model's files, would print beside it
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if settings.get("keep_freed_memory", True):
         keep_freed_memory()
     if settings.get("threads") is not None:
