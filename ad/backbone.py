@@ -15,7 +15,8 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Container
+from collections.abc import Container, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,6 +30,47 @@ from ad.errors import ADError
 log = logging.getLogger(__name__)
 
 HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which frozen backbone a method runs on and how: the one constructor input methods with a backbone take.
+
+    ``weights`` is ``imagenet`` (timm's weights under the pinned ``tag``), ``random`` or a checkpoint
+    path; ``precision`` is the resolved autocast (``fp32``, ``bf16``, ``fp16``; ``auto`` decides per
+    device); ``channels_last`` runs the backbone (and a method's own networks) in NHWC.
+    """
+
+    name: str
+    weights: str = "imagenet"
+    tag: str | None = "tv_in1k"
+    precision: str = "fp32"
+    channels_last: bool = True
+
+    @classmethod
+    def from_config(cls, backbone, precision: str = "fp32", channels_last: bool = True) -> BackboneSpec:
+        """The spec of a ``backbone`` config node (name, weights, tag) run at ``precision`` and layout."""
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(backbone, resolve=True) if OmegaConf.is_config(backbone) else dict(backbone)
+        return cls.of({**node, "precision": precision, "channels_last": bool(channels_last)})
+
+    @classmethod
+    def of(cls, value: BackboneSpec | Mapping) -> BackboneSpec:
+        """``value`` itself, or the spec its keys describe (a bundle's record, a dict); unknown keys are refused."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping) or "name" not in value:
+            raise ADError(f"backbone: expected a BackboneSpec or a mapping with a name, got {value!r}")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ADError(f"backbone.{unknown[0]}: unknown backbone setting; use name, weights, tag, precision, "
+                          "channels_last")
+        return cls(**value)
+
+    def to_dict(self) -> dict:
+        """The spec as plain JSON-able values (what a model bundle records)."""
+        return asdict(self)
 
 
 def layer_indices(name: str, layers: list[str]) -> list[int]:
@@ -301,11 +343,29 @@ class FeatureExtractor(nn.Module):
         self.precision, self.channels_last = precision, channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.cache: DiskCache | None = None  # attached by the run; never pickled with the model
+        self._cached: CachedFeatures | None = None  # set by use_cache; never pickled or deep-copied
         self._identity: str | None = None
 
+    @classmethod
+    def from_spec(cls, spec: BackboneSpec, layers: list[str]) -> FeatureExtractor:
+        """The extractor a method builds from its ``BackboneSpec``: the spec's backbone, these layers."""
+        return cls(layers=list(layers), **spec.to_dict())
+
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "cache": None, "_identity": None}
+        return {**super().__getstate__(), "_cached": None, "_identity": None}
+
+    def use_cache(self, cache: DiskCache | None) -> None:
+        """Serve features through ``CachedFeatures`` over ``cache`` (None: compute every time)."""
+        self._cached = None if cache is None else CachedFeatures(self, cache)
+
+    @property
+    def cache(self) -> DiskCache | None:
+        """The feature cache ``use_cache`` gave, or None."""
+        return None if self._cached is None else self._cached.cache
+
+    @cache.setter
+    def cache(self, cache: DiskCache | None) -> None:
+        self.use_cache(cache)
 
     def identity(self) -> str:
         """Hash of everything that determines the features besides the input: weights, layers, numerics."""
@@ -321,35 +381,14 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor, fp32: bool = True) -> list[torch.Tensor]:
-        """Feature maps of the requested layers; served from the feature cache when attached.
+        """Feature maps of the requested layers; served from the feature cache when one is in use.
 
         ``fp32`` (the default) gives contiguous fp32 maps. ``fp32=False`` gives them as the backbone
         computed them (bf16 under bf16 autocast, any memory layout), for callers that keep only a
         few channels or positions and convert just those.
         """
-        features = self.compute(images) if self.cache is None else self.cached(images)
+        features = self.compute(images) if self._cached is None else self._cached(images)
         return [f.float().contiguous() for f in features] if fp32 else features
-
-    def cached(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per-image cache lookup keyed on the exact input pixels; only the misses go through the backbone.
-
-        Entries hold the features in the dtype the backbone computed them in (bf16 under bf16
-        autocast): half the bytes to write and read, and the same fp32 values once converted.
-        """
-        from ad.ops.cached import lookup_or_compute
-
-        keys, batch = pixel_digests(images, "features", self.identity()), []
-
-        def compute(missing: list[int]) -> list[list[torch.Tensor]]:
-            batch.append(self.compute(images if len(missing) == len(keys) else images[missing]))
-            # clone: saving a view would write the whole batch's storage
-            return [[level[j].detach().cpu().clone() for level in batch[0]] for j in range(len(missing))]
-
-        found, missing = lookup_or_compute(keys, lambda key: self.cache.load("features", key), compute,
-                                           lambda key, entry: self.cache.save_async("features", key, entry))
-        if len(missing) == len(keys):  # nothing was cached: the batch as computed, not restacked
-            return batch[0]
-        return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
 
     @torch.no_grad()
     def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -360,6 +399,33 @@ class FeatureExtractor(nn.Module):
         amp = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with amp:
             return list(self.model(images))
+
+
+class CachedFeatures:
+    """An extractor's ``compute`` behind a disk cache: per image, keyed on its exact pixels, only misses computed.
+
+    Entries hold the features in the dtype the backbone computed them in (bf16 under bf16
+    autocast): half the bytes to write and read, and the same fp32 values once converted.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, cache: DiskCache) -> None:
+        self.extractor, self.cache = extractor, cache
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        from ad.ops.cached import lookup_or_compute
+
+        keys, batch = pixel_digests(images, "features", self.extractor.identity()), []
+
+        def compute(missing: list[int]) -> list[list[torch.Tensor]]:
+            batch.append(self.extractor.compute(images if len(missing) == len(keys) else images[missing]))
+            # clone: saving a view would write the whole batch's storage
+            return [[level[j].detach().cpu().clone() for level in batch[0]] for j in range(len(missing))]
+
+        found, missing = lookup_or_compute(keys, lambda key: self.cache.load("features", key), compute,
+                                           lambda key, entry: self.cache.save_async("features", key, entry))
+        if len(missing) == len(keys):  # nothing was cached: the batch as computed, not restacked
+            return batch[0]
+        return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
 
 
 def pixel_digests(images: torch.Tensor, *parts: str) -> list[str]:

@@ -9,6 +9,7 @@ against that package, so a bundle from anywhere cannot make ``ad`` run code of i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -77,15 +78,13 @@ def run_meta(cfg, model: torch.nn.Module, model_name: str, dataset, precision: s
 
     ``thresholds`` is the (image, pixel) pair of ``ad.thresholds.Threshold`` (either may be None).
     """
-    from omegaconf import OmegaConf
-
+    from ad.backbone import BackboneSpec
     from ad.data import IMAGENET_MEAN, IMAGENET_STD
 
     target, settings = method_settings(cfg.model)
     backbone = None
-    if model.weights_source != "none":  # GANomaly learns from pixels: no backbone to rebuild
-        backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
-                    "channels_last": bool(cfg.trainer.channels_last)}
+    if model.uses_backbone:  # GANomaly learns from pixels: no backbone to rebuild
+        backbone = BackboneSpec.from_config(cfg.backbone, precision, bool(cfg.trainer.channels_last)).to_dict()
     image, pixel = thresholds
     return {
         "method": {"name": model_name, "class": target, "settings": settings},
@@ -182,11 +181,17 @@ def method_class(path: str) -> type:
 
 def build_model(meta: dict) -> torch.nn.Module:
     """A fresh, unfitted model of the bundle's method and settings; its backbone is not loaded (random init)."""
-    settings = dict(meta["method"]["settings"])
-    if meta.get("backbone") is not None:
-        settings["backbone"] = {**meta["backbone"], "weights": "random"}  # the bundle's tensors replace them
+    from ad.backbone import BackboneSpec
+
+    settings, cls = dict(meta["method"]["settings"]), method_class(meta["method"]["class"])
+    if cls.uses_backbone:
+        if meta.get("backbone") is None:
+            raise ADError(f"bundle: {meta['method']['class']} runs on a backbone but the bundle names none; "
+                          "the bundle was altered")
+        spec = BackboneSpec.of(meta["backbone"])
+        settings["backbone"] = dataclasses.replace(spec, weights="random")  # the bundle's tensors replace them
     try:
-        return method_class(meta["method"]["class"])(**settings)
+        return cls(**settings)
     except TypeError as exc:
         raise ADError(f"bundle: the settings of {meta['method']['class']} do not fit this ad "
                       f"{ad.__version__} ({exc}); use the ad version that wrote the bundle") from None

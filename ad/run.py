@@ -21,11 +21,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 import ad
-from ad.backbone import FeatureExtractor, resolve_precision
+from ad.backbone import BackboneSpec, resolve_precision
 from ad.bundle import run_meta, save_bundle
 from ad.cache import DiskCache
 from ad.data import collate, denormalize
@@ -228,10 +228,25 @@ def before_the_run(cfg: DictConfig, run_dir: Path, run_name: str, tags: dict) ->
 
 
 def make_model(cfg: DictConfig, device: torch.device, precision: str) -> AnomalyModel:
-    """The method of ``cfg.model`` on ``device``, its backbone settings from ``cfg.backbone`` and ``cfg.trainer``."""
-    backbone = {**OmegaConf.to_container(cfg.backbone, resolve=True), "precision": precision,
-                "channels_last": bool(cfg.trainer.channels_last)}
-    return build(cfg.model, "model", backbone=backbone, _convert_="all").to(device)
+    """The method of ``cfg.model`` on ``device``; one that declares ``uses_backbone`` gets the run's ``BackboneSpec``.
+
+    The spec comes from ``cfg.backbone`` with ``precision`` and ``cfg.trainer.channels_last``.
+    """
+    cls = method_class_of(cfg.model)
+    if cls is not None and not getattr(cls, "uses_backbone", True):
+        return build(cfg.model, "model", _convert_="all").to(device)
+    backbone = BackboneSpec.from_config(cfg.backbone, precision, bool(cfg.trainer.channels_last))
+    return build(cfg.model, "model", backbone=backbone, _convert_="object").to(device)
+
+
+def method_class_of(node: DictConfig) -> type | None:
+    """The class a ``model`` node's ``_target_`` names, or None when it does not resolve (``build`` then says why)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(node._target_)
+    except Exception:  # noqa: BLE001 - a bad target is reported by build(), with its own message
+        return None
 
 
 def resumable_model(cfg: DictConfig, resume_from: Path, model_name: str, device: torch.device,
@@ -308,8 +323,7 @@ def fit_and_evaluate(cfg: DictConfig, run_dir: Path, started: float | None) -> d
         cache = open_cache(cfg.get("runtime"))
         if model is None:
             model = make_model(cfg, device, precision)
-        for extractor in (m for m in model.modules() if isinstance(m, FeatureExtractor)):
-            extractor.cache = cache
+        model.use_cache(cache)
         log.info("%s on %s/%s: %d train, %d test images, %s, %s", model_name, dataset_name, category,
                  len(dataset.train), len(dataset.test), device, precision)
 

@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, compose_config
-from omegaconf import OmegaConf
 
+from ad.backbone import BackboneSpec
 from ad.errors import ADError
 from ad.models.cflow import Cflow, ConditionalFlow, positional_encoding_2d
 from ad.run import build
 
 #: Made by tests/data/cflow_anomalib_reference.py.txt with anomalib 2.7 (FrEIA SequenceINN of its AllInOneBlock).
 REFERENCE = Path(__file__).parent / "data" / "cflow_anomalib_reference.pt"
-BACKBONE = {"name": "resnet18", "weights": "random", "precision": "fp32"}
+BACKBONE = BackboneSpec("resnet18", weights="random", precision="fp32")
 
 
 def sgd_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -177,7 +177,7 @@ def test_config_composes_with_the_papers_settings():
 def test_bad_settings_name_their_key(setting, key):
     cfg = compose_config("model=cflow", "backbone=resnet18", *TINY, setting)
     with pytest.raises(ADError, match=key):
-        build(cfg.model, "model", backbone=OmegaConf.to_container(cfg.backbone), _convert_="all")
+        build(cfg.model, "model", backbone=BackboneSpec.from_config(cfg.backbone), _convert_="object")
 
 
 def test_command_line_trains_and_scores_end_to_end(tmp_path):

@@ -8,12 +8,13 @@ import torch
 from helpers import TINY, compose_config
 from scipy.stats import gaussian_kde
 
+from ad.backbone import BackboneSpec
 from ad.errors import ADError
 from ad.models.dfkde import Dfkde, anomaly_probability, random_subset
 from ad.run import run
 
 DEVICE = torch.device("cpu")
-BACKBONE = {"name": "resnet18", "weights": "random"}
+BACKBONE = BackboneSpec("resnet18", weights="random")
 
 
 def make_cfg(*overrides: str):

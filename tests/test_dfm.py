@@ -10,12 +10,13 @@ from helpers import TINY, compose_config
 from scipy.stats import multivariate_normal
 from sklearn.decomposition import PCA
 
+from ad.backbone import BackboneSpec
 from ad.errors import ADError
 from ad.models.dfm import Dfm
 from ad.run import run
 
 DEVICE = torch.device("cpu")
-BACKBONE = {"name": "resnet18", "weights": "random"}
+BACKBONE = BackboneSpec("resnet18", weights="random")
 
 
 def make_cfg(*overrides: str):

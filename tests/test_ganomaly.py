@@ -3,7 +3,6 @@
 import pytest
 import torch
 from helpers import TINY, compose_config
-from omegaconf import OmegaConf
 
 from ad.data import IMAGENET_MEAN, IMAGENET_STD
 from ad.errors import ADError
@@ -145,7 +144,7 @@ def test_config_composes_with_anomalibs_settings():
 def test_bad_settings_name_their_key(setting, key):
     cfg = compose_config("model=ganomaly", *TINY, setting)
     with pytest.raises(ADError, match=key):
-        build(cfg.model, "model", backbone=OmegaConf.to_container(cfg.backbone), _convert_="all")
+        build(cfg.model, "model", _convert_="all")
 
 
 def test_images_of_another_size_are_refused():

@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import mahalanobis
 
+from ad.backbone import BackboneSpec
 from ad.errors import ADError
 from ad.models.padim import COV_EPS, INV_EPS, Padim
 from ad.ops.upsample import nearest_index, pick_channels
+
+RESNET18 = BackboneSpec("resnet18", weights="random")
 
 DEVICE = torch.device("cpu")
 
@@ -16,7 +19,7 @@ DEVICE = torch.device("cpu")
 @pytest.fixture(scope="module")
 def fitted():
     torch.manual_seed(0)
-    model = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=20)
+    model = Padim(backbone=RESNET18, n_features=20)
     train = torch.randn(10, 3, 64, 64)
     model.fit([{"image": train[:6]}, {"image": train[6:]}], DEVICE)  # two batches: streaming sums
     return model, train
@@ -50,7 +53,7 @@ def test_nearest_index_picks_what_interpolate_picks(size_in, size_out):
 
 def test_odd_image_size_embeds_like_interpolate():
     torch.manual_seed(0)
-    model = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=30)
+    model = Padim(backbone=RESNET18, n_features=30)
     images = torch.randn(2, 3, 90, 90)  # layer grids 23, 12, 6: not multiples of each other
     features = model.extractor(images)
     grid = features[0].shape[-2:]
@@ -90,7 +93,7 @@ def test_distance_is_mahalanobis_to_the_training_gaussian(fitted):
 
 def test_distance_is_mahalanobis_on_grids_that_are_not_multiples_of_each_other():
     torch.manual_seed(1)
-    model = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=12)
+    model = Padim(backbone=RESNET18, n_features=12)
     train = torch.randn(16, 3, 42, 42)  # layer grids 11, 6, 3: irregular cells of layer3
     model.fit([{"image": train[:9]}, {"image": train[9:]}], DEVICE)
     assert model.distances(train[:2]).shape == (2, 11, 11)
@@ -100,7 +103,7 @@ def test_distance_is_mahalanobis_on_grids_that_are_not_multiples_of_each_other()
 @pytest.mark.parametrize("kept", ["only earlier layers", "only the last layer"])
 def test_distance_is_mahalanobis_when_one_block_is_empty(kept):
     torch.manual_seed(2)
-    model = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=6)
+    model = Padim(backbone=RESNET18, n_features=6)
     model.channel_idx = torch.tensor([1, 9, 70, 100, 150, 190]) if kept == "only earlier layers" \
         else torch.tensor([200, 250, 300, 301, 400, 447])
     assert model.n_fine == (6 if kept == "only earlier layers" else 0)
@@ -126,7 +129,7 @@ def test_scores_do_not_depend_on_the_batch(fitted):
 
 def test_settings_and_state_rebuild_the_fitted_model(fitted):
     model, _ = fitted
-    fresh = Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=20)
+    fresh = Padim(backbone=RESNET18, n_features=20)
     fresh.load_fitted_state(model.state_dict())
     images = torch.randn(3, 3, 64, 64)
     before, after = model(images), fresh(images)
@@ -134,15 +137,15 @@ def test_settings_and_state_rebuild_the_fitted_model(fitted):
 
 
 def test_paper_channel_defaults_and_bounds():
-    assert Padim(backbone={"name": "resnet18", "weights": "random"}).channel_idx.numel() == 100
+    assert Padim(backbone=RESNET18).channel_idx.numel() == 100
     with pytest.raises(ADError, match="model.n_features"):
-        Padim(backbone={"name": "resnet50", "weights": "random"})
+        Padim(backbone=BackboneSpec("resnet50", weights="random"))
     with pytest.raises(ADError, match="model.n_features"):
-        Padim(backbone={"name": "resnet18", "weights": "random"}, n_features=1000)
+        Padim(backbone=RESNET18, n_features=1000)
 
 
 def test_channel_subset_is_seeded():
-    a = Padim(backbone={"name": "resnet18", "weights": "random"}, seed=1).channel_idx
-    b = Padim(backbone={"name": "resnet18", "weights": "random"}, seed=1).channel_idx
-    c = Padim(backbone={"name": "resnet18", "weights": "random"}, seed=2).channel_idx
+    a = Padim(backbone=RESNET18, seed=1).channel_idx
+    b = Padim(backbone=RESNET18, seed=1).channel_idx
+    c = Padim(backbone=RESNET18, seed=2).channel_idx
     assert torch.equal(a, b) and not torch.equal(a, c)

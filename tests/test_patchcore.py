@@ -9,6 +9,7 @@ from helpers import compose_config
 
 import ad.models.patchcore as patchcore
 import ad.ops.knn as knn
+from ad.backbone import BackboneSpec
 from ad.errors import ADError
 from ad.models.base import Prediction
 from ad.models.patchcore import Patchcore
@@ -16,7 +17,7 @@ from ad.postprocess import MapSmoother
 from ad.run import run
 
 DEVICE = torch.device("cpu")
-RESNET18 = {"name": "resnet18", "weights": "random"}
+RESNET18 = BackboneSpec("resnet18", weights="random")
 TINY = ["dataset.image_size=64", "trainer.batch_size=8", "backbone.weights=random", "tracking=none",
         "dataset.n_train=12", "dataset.n_test_good=6", "dataset.n_test_defect=6"]
 
@@ -73,7 +74,7 @@ def test_a_coreset_ratio_sweep_reuses_the_cached_greedy_order(tmp_path, monkeypa
     def fitted_bank(ratio: float, cache: DiskCache | None) -> torch.Tensor:
         model = Patchcore(backbone=RESNET18, coreset_ratio=ratio, seed=1)
         model.extractor.load_state_dict(reference.extractor.state_dict())
-        model.extractor.cache = cache
+        model.use_cache(cache)
         model.fit(batches(images), DEVICE)
         return model.memory_bank
 
@@ -105,7 +106,7 @@ def test_a_rerun_or_num_neighbors_sweep_reuses_the_cached_search_and_a_new_bank_
     def scored(cache: DiskCache | None, **settings) -> Prediction:
         model = Patchcore(backbone=RESNET18, seed=1, **settings)
         model.extractor.load_state_dict(reference.extractor.state_dict())
-        model.extractor.cache = cache
+        model.use_cache(cache)
         model.fit(batches(train), DEVICE)
         predictions = [model(batch["image"]) for batch in batches(test)]
         if cache is not None:

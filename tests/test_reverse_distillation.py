@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ad.backbone import BackboneSpec
 from ad.errors import ADError
 from ad.models.reverse_distillation import (
     ARCHITECTURES,
@@ -18,7 +19,7 @@ from ad.models.reverse_distillation import (
 )
 from ad.trainer import Trainer
 
-BACKBONE = {"name": "resnet18", "weights": "random"}
+BACKBONE = BackboneSpec("resnet18", weights="random")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY
 
+from ad.backbone import BackboneSpec
 from ad.models.stfpm import Stfpm, feature_matching_loss, layer_distance
 
-BACKBONE = {"name": "resnet18", "weights": "random"}
+BACKBONE = BackboneSpec("resnet18", weights="random")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

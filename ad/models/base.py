@@ -1,4 +1,50 @@
-"""The interface every method implements: fit on good images, then score images."""
+"""The contract every method implements: fit on good images, then score images.
+
+A method is one file in ``ad/models/`` (a subclass of ``AnomalyModel``, or of ``TrainableModel``
+when it learns by gradient descent) plus one YAML in ``conf/model/`` whose ``_target_`` names it.
+
+Constructor
+    The YAML's keys are the constructor's keyword arguments (Hydra resolves them; a bad value
+    raises ``ad.errors.ADError`` naming its ``model.<key>``). A method that runs a frozen backbone
+    sets ``uses_backbone = True`` (the default) and takes ``backbone: ad.backbone.BackboneSpec``,
+    which the run builds from the ``backbone`` config group and ``trainer.precision`` /
+    ``trainer.channels_last``; it builds its extractor with ``FeatureExtractor.from_spec(backbone,
+    layers)``. A method without one (GANomaly) sets ``uses_backbone = False`` and takes no
+    ``backbone`` argument at all.
+
+Fitting
+    ``AnomalyModel.fit(batches, device)`` sees the training batches once (dicts from ``ad.data``:
+    ``image`` is a (B, 3, S, S) float tensor). A ``TrainableModel`` instead gives
+    ``configure_optimizers`` and ``training_step`` (``optimization_step`` and ``on_train_end`` when
+    it needs more), and ``ad.trainer.Trainer`` runs the epochs.
+
+Scoring
+    ``forward(images) -> Prediction``: images are (B, 3, S, S) float32, RGB, resized to
+    ``dataset.image_size`` and normalised with the ImageNet mean and std (``input_range =
+    "imagenet"``), possibly in channels-last memory layout. ``Prediction.scores`` is (B,),
+    higher = more anomalous; ``Prediction.maps`` is (B, S, S) on the input's grid, or None when
+    ``produces_maps`` is False (pixel metrics are then skipped, never faked). A method that wants
+    another pixel range declares it in ``input_range`` and converts in one named method
+    (``input_transform``) that training and scoring both call.
+
+Batch invariance
+    An image's score and map must not depend on the other images of its batch: the same image
+    scored alone or among others gives the same numbers (to float rounding). Statistics scoring
+    needs come from the training images (``fit``, ``on_train_end``), never from the test batch.
+
+State
+    Everything scoring needs lives in parameters and buffers, so the constructor's settings plus
+    ``state_dict()`` rebuild the fitted model: that is what the model bundle stores
+    (``ad.bundle``; ``load_fitted_state`` loads it, buffers taking their fitted shapes). Models are
+    deep-copied and pickled; helpers that cannot be (a faiss index, a cache) are rebuilt or
+    dropped in ``__getstate__``. ``resolved_settings()`` reports settings the method chose itself.
+
+Caching
+    The run calls ``use_cache(cache)`` once; by default every ``FeatureExtractor`` then serves its
+    features through ``ad.backbone.CachedFeatures``. A method that caches more (PatchCore's coreset
+    and searches) overrides ``use_cache`` and keeps the cache it is given; it reads no cache set
+    from outside.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +55,7 @@ import torch
 from torch import nn
 
 from ad.backbone import FeatureExtractor
+from ad.cache import DiskCache
 
 
 @dataclass
@@ -20,20 +67,25 @@ class Prediction:
 
 
 class AnomalyModel(nn.Module):
-    """Base class: ``fit`` learns normality from batches of good images, ``forward`` scores a batch.
-
-    Batches are the dicts produced by ``ad.data`` (``image`` is a normalised (B, 3, H, W) tensor).
-    A method's scores must not depend on which other images share its batch.
-    """
+    """Base class: ``fit`` learns normality from good images, ``forward`` scores a batch (see the module docstring)."""
 
     #: False for classification-only methods (no maps: pixel metrics are skipped, never faked).
     produces_maps: bool = True
+    #: True when the constructor takes ``backbone: BackboneSpec``; False for methods that learn from pixels.
+    uses_backbone: bool = True
+    #: The pixels ``forward`` and training receive: ImageNet-normalised, as ``ad.data`` makes them.
+    input_range: str = "imagenet"
 
     def fit(self, batches: Iterable[dict], device: torch.device) -> None:
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> Prediction:
         raise NotImplementedError
+
+    def use_cache(self, cache: DiskCache | None) -> None:
+        """Serve backbone features from ``cache`` (None: compute every time); the run calls it once."""
+        for extractor in (m for m in self.modules() if isinstance(m, FeatureExtractor)):
+            extractor.use_cache(cache)
 
     def resolved_settings(self) -> dict:
         """Settings the method chose itself from what was asked (PaDiM's feature count for null), for the record."""

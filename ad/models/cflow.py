@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ad.backbone import FeatureExtractor
+from ad.backbone import BackboneSpec, FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import Prediction, TrainableModel
 from ad.threads import map_on_cores, single_threaded
@@ -106,7 +106,7 @@ class Cflow(TrainableModel):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec,
         layers: tuple[str, ...] = ("layer2", "layer3", "layer4"),
         fiber_batch_size: int = 64,
         condition_vector: int = 128,
@@ -115,6 +115,7 @@ class Cflow(TrainableModel):
         lr: float = 1e-4,
     ) -> None:
         super().__init__()
+        backbone = BackboneSpec.of(backbone)
         if condition_vector <= 0 or condition_vector % 4:
             raise ADError(f"model.condition_vector: {condition_vector} must be a positive multiple of 4 "
                           "(sin and cos of x and y); the paper uses 128")
@@ -124,7 +125,7 @@ class Cflow(TrainableModel):
         for key, value in (("clamp_alpha", clamp_alpha), ("lr", lr)):
             if not value > 0:
                 raise ADError(f"model.{key}: {value} must be positive")
-        self.extractor = FeatureExtractor(layers=list(layers), **backbone)
+        self.extractor = FeatureExtractor.from_spec(backbone, list(layers))
         self.fiber_batch_size, self.condition_vector, self.lr = int(fiber_batch_size), condition_vector, lr
         self.decoders = nn.ModuleList(
             ConditionalFlow(channels, condition_vector, coupling_blocks, clamp_alpha)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from ad.backbone import FeatureExtractor
+from ad.backbone import BackboneSpec, FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.ops.kde import KDE, fit_kde, kde_log_density
@@ -50,7 +50,7 @@ class Dfkde(AnomalyModel):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec,
         layers: tuple[str, ...] = ("layer4",),
         n_pca_components: int = 16,
         feature_scaling_method: str = "scale",
@@ -58,6 +58,7 @@ class Dfkde(AnomalyModel):
         seed: int = 42,
     ) -> None:
         super().__init__()
+        backbone = BackboneSpec.of(backbone)
         if feature_scaling_method not in SCALING_METHODS:
             raise ADError(
                 f"model.feature_scaling_method: '{feature_scaling_method}' is not one of {', '.join(SCALING_METHODS)}"
@@ -69,7 +70,7 @@ class Dfkde(AnomalyModel):
                 f"model.max_training_points: {max_training_points} must exceed "
                 f"model.n_pca_components ({n_pca_components}) for a full-rank KDE covariance"
             )
-        self.extractor = FeatureExtractor(layers=list(layers), **backbone)
+        self.extractor = FeatureExtractor.from_spec(backbone, list(layers))
         if n_pca_components > (dim := sum(self.extractor.channels)):
             raise ADError(f"model.n_pca_components: {n_pca_components} exceeds the {dim} feature channels of {layers}")
         self.n_pca_components, self.scaling = n_pca_components, feature_scaling_method

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from ad.backbone import FeatureExtractor
+from ad.backbone import BackboneSpec, FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.ops.pca import fit_pca
@@ -42,7 +42,7 @@ class Dfm(AnomalyModel):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec,
         layer: str = "layer3",
         pooling_kernel_size: int = 4,
         pca_level: float = 0.97,
@@ -50,6 +50,7 @@ class Dfm(AnomalyModel):
         blur_sigma: float = 0.0,
     ) -> None:
         super().__init__()
+        backbone = BackboneSpec.of(backbone)
         if not 0 < pca_level <= 1:
             raise ADError(f"model.pca_level: {pca_level} is outside (0, 1]; it is the fraction of variance PCA keeps")
         if score_type not in SCORE_TYPES:
@@ -57,7 +58,7 @@ class Dfm(AnomalyModel):
         if pooling_kernel_size < 1:
             raise ADError(f"model.pooling_kernel_size: {pooling_kernel_size} must be at least 1")
         try:
-            self.extractor = FeatureExtractor(layers=[layer], **backbone)
+            self.extractor = FeatureExtractor.from_spec(backbone, [layer])
         except ADError as exc:  # the extractor names the list key; DFM's key is the single model.layer
             raise ADError(str(exc).replace("model.layers:", "model.layer:", 1)) from None
         self.pooling_kernel_size, self.pca_level, self.score_type = pooling_kernel_size, pca_level, score_type

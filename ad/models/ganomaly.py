@@ -15,9 +15,10 @@ anomalib 2.7, with two fixes:
 
 The encoders always end in the final 4×4 convolution that makes z (anomalib's
 ``add_final_conv_layer=False`` crashes, and the generator has no latent vector without it).
-Inputs are ImageNet-normalised as anomalib feeds them (``input_range: imagenet``), although the
-decoder ends in Tanh and so cannot reproduce pixels outside [-1, 1]; ``input_range: tanh`` maps
-them to [-1, 1] first, as the paper's code does. Classification only: there are no maps, so pixel
+The networks see ImageNet-normalised pixels as anomalib feeds them (``input_range: imagenet``),
+although the decoder ends in Tanh and so cannot reproduce pixels outside [-1, 1]; ``input_range:
+tanh`` declares that they want [-1, 1], as the paper's code does, and ``input_transform`` maps the
+run's ImageNet-normalised images there for training and scoring alike. Classification only: there are no maps, so pixel
 metrics are absent.
 """
 
@@ -122,13 +123,13 @@ class Ganomaly(TrainableModel):
     """GANomaly anomaly detector (see module docstring)."""
 
     produces_maps = False
+    uses_backbone = False
     #: anomalib's example config trains GANomaly for 100 epochs.
     default_epochs = 100
 
     def __init__(
         self,
         image_size: int,
-        backbone: dict | None = None,
         n_features: int = 64,
         latent_vec_size: int = 100,
         extra_layers: int = 0,
@@ -140,11 +141,10 @@ class Ganomaly(TrainableModel):
         beta2: float = 0.999,
         input_range: str = "imagenet",
         reinit_discriminator_below: float | None = 1e-5,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
-        # GANomaly learns its own networks and uses no backbone; of the backbone config the run passes
-        # every model it takes only the layout: channels_last makes a training step ~7% faster on CPU.
-        self.channels_last = bool((backbone or {}).get("channels_last", False))
+        self.channels_last = bool(channels_last)  # NHWC networks: faster training steps on CPU
         side = next_power_of_two(int(image_size))
         if side < MIN_SIDE:
             raise ADError(f"dataset.image_size: GANomaly needs images of at least {MIN_SIDE // 2 + 1} px "
@@ -179,14 +179,18 @@ class Ganomaly(TrainableModel):
         return [torch.optim.Adam(module.parameters(), lr=self.lr, betas=self.betas)
                 for module in (self.generator, self.discriminator)]
 
+    def input_transform(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised images -> the declared ``input_range`` (``tanh``: [-1, 1]; ``imagenet``: as given)."""
+        if self.input_range == "tanh":
+            return (images * self.std + self.mean) * 2 - 1
+        return images
+
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Check the size, optionally map ImageNet-normalised pixels to the decoder's Tanh range, pad."""
+        """Check the size, bring the pixels to ``input_range`` and pad: the networks' input in training and scoring."""
         if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             raise ADError(f"dataset.image_size: GANomaly was built for {self.image_size} px images, "
                           f"got {tuple(images.shape[-2:])}; build it with the same image size")
-        if self.input_range == "tanh":
-            images = (images * self.std + self.mean) * 2 - 1
-        images = pad_to_power_of_two(images)
+        images = pad_to_power_of_two(self.input_transform(images))
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ad.backbone import FeatureExtractor
+from ad.backbone import BackboneSpec, FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.ops.gaussian import BlockGaussians, BlockGaussianSums, block_mahalanobis, block_precision
@@ -37,14 +37,15 @@ class Padim(AnomalyModel):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec,
         layers: tuple[str, ...] = ("layer1", "layer2", "layer3"),
         n_features: int | None = None,
         blur_sigma: float = 4.0,
         seed: int = 42,
     ) -> None:
         super().__init__()
-        self.extractor = FeatureExtractor(layers=list(layers), **backbone)
+        backbone = BackboneSpec.of(backbone)
+        self.extractor = FeatureExtractor.from_spec(backbone, list(layers))
         total = sum(self.extractor.channels)
         n_features = n_features or PAPER_N_FEATURES.get(self.extractor.name)
         if n_features is None:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ad.backbone import FeatureExtractor, pixel_digests
-from ad.cache import digest
+from ad.backbone import BackboneSpec, FeatureExtractor, pixel_digests
+from ad.cache import DiskCache, digest
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.ops.cached import lookup_or_compute
@@ -42,7 +42,7 @@ class Patchcore(AnomalyModel):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec,
         layers: tuple[str, ...] = ("layer2", "layer3"),
         coreset_ratio: float = 0.1,
         num_neighbors: int = 9,
@@ -52,6 +52,7 @@ class Patchcore(AnomalyModel):
         seed: int = 42,
     ) -> None:
         super().__init__()
+        backbone = BackboneSpec.of(backbone)
         if not 0 < coreset_ratio <= 1:
             raise ADError(f"model.coreset_ratio: {coreset_ratio} is outside (0, 1]; 0.1 keeps 10% of the patches")
         if num_neighbors < 1:
@@ -60,12 +61,18 @@ class Patchcore(AnomalyModel):
             raise ADError(f"model.projection_dim: {projection_dim} must be positive, or null for anomalib's JL size")
         if index not in INDEX_KINDS:
             raise ADError(f"model.index: '{index}' is not one of {', '.join(INDEX_KINDS)}")
-        self.extractor = FeatureExtractor(layers=list(layers), **backbone)
+        self.extractor = FeatureExtractor.from_spec(backbone, list(layers))
         self.coreset_ratio, self.num_neighbors = float(coreset_ratio), int(num_neighbors)
         self.projection_dim, self.index_kind, self.seed = projection_dim, index, seed
         self.register_buffer("memory_bank", torch.empty(0, 0))
         self.smoother = MapSmoother(sigma=blur_sigma)
         self._derived = {}  # the search and the bank's hash, rebuilt from the bank on first use (never pickled)
+        self._cache: DiskCache | None = None  # set by use_cache (never pickled)
+
+    def use_cache(self, cache: DiskCache | None) -> None:
+        """Cache the backbone's features, the coreset order and each image's search in ``cache`` (None: none)."""
+        super().use_cache(cache)
+        self._cache = cache
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, C, h, w) locally aggregated patch features on the first layer's grid.
@@ -122,7 +129,7 @@ class Patchcore(AnomalyModel):
         n = sum(map(len, chunks))
         reduced = project_rows(chunks, self.projection_dim or jl_dim(n), generator)
         start = int(torch.randint(n, (1,), generator=generator))
-        if (cache := self.extractor.cache) is None:
+        if (cache := self._cache) is None:
             return k_center_greedy(reduced, size, start)
 
         def long_enough(key: str) -> torch.Tensor | None:
@@ -147,7 +154,7 @@ class Patchcore(AnomalyModel):
         """``nearest`` over (B, h*w, C) patches, per image from the feature cache when this bank has
         searched this image before: a rerun, or a sweep over ``num_neighbors`` or ``blur_sigma``, skips
         the search (a new ``coreset_ratio`` makes a new bank, hence new keys)."""
-        if (cache := self.extractor.cache) is None:
+        if (cache := self._cache) is None:
             return self.nearest(patches.reshape(-1, patches.shape[-1]))
         bank_digest = self._from_bank("digest", lambda bank: digest("bank", bank.detach().cpu().contiguous().numpy()))
         keys = pixel_digests(images, NEAREST_CACHE_TAG, bank_digest, self.index_kind, self.extractor.identity())
@@ -198,5 +205,5 @@ class Patchcore(AnomalyModel):
         return Prediction(scores=self.image_scores(patches, distances, nearest), maps=maps)
 
     def __getstate__(self) -> dict:
-        """Pickle without the search structures (faiss's is not picklable); rebuilt from the bank on first use."""
-        return {**super().__getstate__(), "_derived": {}}
+        """Pickle without the cache and the search structures (faiss's is not picklable; rebuilt from the bank)."""
+        return {**super().__getstate__(), "_derived": {}, "_cache": None}

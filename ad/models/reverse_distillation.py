@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
-from ad.backbone import FeatureExtractor
+from ad.backbone import BackboneSpec, FeatureExtractor
 from ad.errors import ADError
 from ad.models.base import Prediction, TrainableModel
 from ad.postprocess import blur_kernel_size, max_score
@@ -158,26 +158,27 @@ class ReverseDistillation(TrainableModel):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec,
         anomaly_map_mode: str = "add",
         blur_sigma: float = 4.0,
         lr: float = 0.005,
         betas: tuple[float, float] = (0.5, 0.99),
     ) -> None:
         super().__init__()
+        backbone = BackboneSpec.of(backbone)
         if anomaly_map_mode not in ("add", "multiply"):
             raise ADError(f"model.anomaly_map_mode: '{anomaly_map_mode}' is not one of add, multiply")
-        name = backbone["name"]
+        name = backbone.name
         if name not in ARCHITECTURES:
             raise ADError(f"backbone.name: Reverse Distillation has decoders for {', '.join(ARCHITECTURES)}, "
                           f"not '{name}'; pick one of those")
         kind, depths, width = ARCHITECTURES[name]
-        self.encoder = FeatureExtractor(layers=list(LAYERS), **backbone)
+        self.encoder = FeatureExtractor.from_spec(backbone, list(LAYERS))
         if kind == "basic":
             self.bottleneck, self.decoder = OneClassBottleneck(BasicBlock, 2), Decoder(DecoderBasicBlock, depths, width)
         else:
             self.bottleneck, self.decoder = OneClassBottleneck(Bottleneck, 3), Decoder(DecoderBottleneck, depths, width)
-        self.channels_last = bool(backbone.get("channels_last", False))
+        self.channels_last = backbone.channels_last
         if self.channels_last:
             self.bottleneck.to(memory_format=torch.channels_last)
             self.decoder.to(memory_format=torch.channels_last)

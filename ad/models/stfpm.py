@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ad.backbone import FeatureExtractor, layer_indices
+from ad.backbone import BackboneSpec, FeatureExtractor, layer_indices
 from ad.models.base import Prediction, TrainableModel
 from ad.postprocess import max_score
 
@@ -46,18 +46,19 @@ class Stfpm(TrainableModel):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec,
         layers: tuple[str, ...] = ("layer1", "layer2", "layer3"),
         lr: float = 0.4,
         momentum: float = 0.9,
         weight_decay: float = 1e-3,
     ) -> None:
         super().__init__()
-        self.teacher = FeatureExtractor(layers=list(layers), **backbone)
+        backbone = BackboneSpec.of(backbone)
+        self.teacher = FeatureExtractor.from_spec(backbone, list(layers))
         out_indices = layer_indices(self.teacher.name, list(layers))
         self.student = timm.create_model(self.teacher.name, pretrained=False, features_only=True,
                                          out_indices=out_indices)
-        self.channels_last = bool(backbone.get("channels_last", False))
+        self.channels_last = backbone.channels_last
         if self.channels_last:
             self.student.to(memory_format=torch.channels_last)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
