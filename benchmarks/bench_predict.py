@@ -1,4 +1,4 @@
-"""Predict speed: ad's scoring path against its backbone floor, and ``ad.predict`` against anomalib's ``Engine.predict``.
+"""Predict speed: ad's scoring path against its backbone floor, and ``ad.predict`` against anomalib's predict.
 
     python benchmarks/bench_predict.py --quick                # smoke run: PaDiM only, few images, no anomalib
     python benchmarks/bench_predict.py --anomalib-python /tmp/anomalib-venv/bin/python --out predict.json
@@ -18,7 +18,8 @@ dict per backbone loaded by both libraries (no pretrained weights are needed or 
 2. **Whole commands**, cold processes, wall time: ``python -m ad.predict RUN_DIR TEST_DIR --out DIR``
    against ``benchmarks/anomalib_predict.py predict`` under ``--anomalib-python`` (imports, the same
    PaDiM rebuilt, ``Engine.predict`` with the checkpoint of an anomalib PaDiM fitted once, untimed,
-   on the same training images with the same weights; a CSV of path, score, label). Both score the
+   on the same training images with the same weights and kept under ``--data-dir``; a CSV of path,
+   score, label). Both score the
    same 100 images. Repeated ``--repeat`` times in alternating order; medians reported, with the
    load average before and after each repetition. The scores' rank correlation between the two
    libraries is printed as a sanity check (the same method on the same weights and images).
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("data (default: a generated category of 60 train + 100 test images of 256 px)")
     data.add_argument("--category", default="bottle", help="generated category folder name (default: bottle)")
     data.add_argument("--n-train", type=int, default=60, help="generated good training images (default 60)")
-    data.add_argument("--n-images", type=int, default=100, help="images scored: half good, half defective (default 100)")
+    data.add_argument("--n-images", type=int, default=100,
+                      help="images scored: half good, half defective (default 100)")
     data.add_argument("--source-size", type=int, default=256, help="generated PNG side in px (default 256)")
     data.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "ad-bench-data"),
                       help="where generated categories and weights files are kept between runs")
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-repeat", type=int, default=20, help="batch-1 timings per column (default 20)")
     parser.add_argument("--batch-repeat", type=int, default=3, help="batch-32 timings per column (default 3)")
     parser.add_argument("--repeat", type=int, default=2, help="repetitions of the whole commands (default 2)")
+    parser.add_argument("--threads", type=int, help="torch threads of the in-process timings (default: torch's); "
+                                                    "the commands keep their own")
     parser.add_argument("--anomalib-python", help="Python of a venv with anomalib 2.x; omitted: no command comparison")
     parser.add_argument("--anomalib-batch-size", type=int, default=32,
                         help="anomalib's predict batch size (default 32, as ad.predict's); 0: its data_path route "
@@ -150,8 +154,10 @@ def in_process(model_name: str, run_dir: Path, image_dir: Path, args: argparse.N
         progress(f"{model_name}: batch {batch_size}, {count} batches x {len(calls)} calls")
         seconds = time_batches(calls, batches)
         medians = {name: statistics.median(values) for name, values in seconds.items()}
+        fastest = {name: min(values) for name, values in seconds.items()}
         out["batches"][batch_size] = {
             "seconds": seconds, "load_avg": load_now(),
+            "fastest_predict_over_floor": fastest["predict"] / fastest["floor"],
             **{f"{name}_ms_per_image": 1000 * medians[name] / batch_size for name in calls},
             **{f"{name}_images_per_s": batch_size / medians[name] for name in calls},
             "predict_over_floor": medians["predict"] / medians["floor"],
@@ -162,18 +168,28 @@ def in_process(model_name: str, run_dir: Path, image_dir: Path, args: argparse.N
 # -- whole commands ---------------------------------------------------------------------------------
 
 
-def fit_anomalib(python: str, root: Path, category: str, weights: Path, work: Path) -> Path:
-    """anomalib's PaDiM fitted once on the training images (untimed); returns its checkpoint."""
-    ckpt = work / "anomalib" / "padim.ckpt"
-    ckpt.parent.mkdir(parents=True)
+def fit_anomalib(python: str, root: Path, category: str, weights: Path, work: Path, keep_in: Path) -> Path:
+    """anomalib's PaDiM fitted on the training images (untimed), once per category and weights file:
+    the checkpoint is kept under ``keep_in`` (minutes of anomalib's fit and validation saved per run)."""
+    ckpt = keep_in / f"{root.name}_{category}_padim_{weights.stem}.ckpt"
+    if ckpt.exists():
+        progress(f"anomalib PaDiM: reusing {ckpt}")
+        return ckpt
+    progress(f"fitting anomalib PaDiM once, untimed; kept as {ckpt}")
+    folder = work / "anomalib-fit"
+    folder.mkdir()
+    partial = folder / "padim.ckpt"
     timed([python, str(HERE / "anomalib_predict.py"), "fit", "--root", str(root), "--category", category,
-           "--weights", str(weights), "--ckpt", str(ckpt)], cwd=ckpt.parent, log=work / "anomalib-fit.log")
+           "--weights", str(weights), "--ckpt", str(partial)], cwd=folder, log=work / "anomalib-fit.log")
+    keep_in.mkdir(parents=True, exist_ok=True)
+    shutil.move(partial, ckpt)  # under its final name only once complete
     return ckpt
 
 
 def ad_command(run_dir: Path, image_dir: Path, work: Path, rep: int) -> tuple[list[str], Path]:
     out = work / f"predict-ad-{rep}"
-    return [sys.executable, "-m", "ad.predict", str(run_dir), str(image_dir), "--out", str(out)], out / "predictions.csv"
+    command = [sys.executable, "-m", "ad.predict", str(run_dir), str(image_dir), "--out", str(out)]
+    return command, out / "predictions.csv"
 
 
 def anomalib_command(python: str, ckpt: Path, image_dir: Path, batch_size: int, work: Path,
@@ -240,17 +256,19 @@ def format_report(r: dict) -> str:
              f"Data: {d['root']}/{d['category']}: models fitted on {d['n_train']} good images; "
              f"{d['n_images']} test images of {d['source_size']} px scored at 256 px; one random state dict per "
              "backbone, both libraries.", "",
-             "In-process, CPU, milliseconds per image (median over batches) and images/s; floor = the bundle's "
-             "own FeatureExtractor alone on the same batches:", "",
+             f"In-process, CPU, {m['threads']} torch threads, milliseconds per image (median over batches) and "
+             "images/s; floor = the bundle's own FeatureExtractor alone on the same batches; the last column is "
+             "the ratio of the fastest runs (the least disturbed by other work):", "",
              "| model | precision | batch | ad predict ms/img | images/s | model alone ms/img | floor ms/img "
-             "| floor images/s | predict / floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| floor images/s | predict / floor | fastest runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, x in r["in_process"].items():
         for batch_size, b in x["batches"].items():
             lines.append(f"| {name} {x['backbone']} | {x['precision']}{', NHWC' if x['channels_last'] else ''} | "
                          f"{batch_size} | {b['predict_ms_per_image']:.1f} | {b['predict_images_per_s']:.1f} | "
                          f"{b['model_ms_per_image']:.1f} | {b['floor_ms_per_image']:.1f} | "
-                         f"{b['floor_images_per_s']:.1f} | {b['predict_over_floor']:.2f}× |")
+                         f"{b['floor_images_per_s']:.1f} | {b['predict_over_floor']:.2f}× | "
+                         f"{b['fastest_predict_over_floor']:.2f}× |")
     promises = []
     for name, target in FLOOR_TARGETS.items():
         if name in r["in_process"]:
@@ -272,7 +290,8 @@ def format_report(r: dict) -> str:
                  for name in ("ad", "anomalib") for run in c["runs"][name]]
         lines.append("Load average (1, 5, 15 min) before → after each command: " + "; ".join(loads))
     lines += ["", "| promise | measured | target | met |", "|---|---|---|---|"]
-    lines += [f"| {name} | {value:.2f} | ≤ {target:.2f} | {verdict(value, target)} |" for name, value, target in promises]
+    lines += [f"| {name} | {value:.2f} | ≤ {target:.2f} | {verdict(value, target)} |"
+              for name, value, target in promises]
     return "\n".join(lines)
 
 
@@ -281,6 +300,8 @@ def format_report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results: dict = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "uptime_at_start": uptime()}
     progress(f"machine: {results['machine']}; {results['uptime_at_start']}")
@@ -306,8 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
             run_dir = run_dirs.get("padim") or work / "fit-padim"
             if "padim" not in run_dirs:
                 run_ad("padim", root, category, weights, work, "fit-padim", work / "cache")
-            progress("fitting anomalib PaDiM once, untimed")
-            ckpt = fit_anomalib(args.anomalib_python, root, category, weights, work)
+            ckpt = fit_anomalib(args.anomalib_python, root, category, weights, work,
+                                Path(args.data_dir).expanduser().resolve() / "anomalib")
             results["commands"] = whole_commands(run_dir, ckpt, image_dir, args, work)
     finally:
         if args.keep:
