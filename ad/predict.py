@@ -261,9 +261,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-maps", action="store_true", help="write an overlay panel and a mask per image")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=32, help="images scored together (default 32)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core); 1 can be "
+                        "faster on a machine busy with other work")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     return args
 
 
@@ -272,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours is the one bar shown
+    if args.threads is not None:  # the command owns its process, as ad.launch does through ad.runtime
+        from ad.runtime.threads import set_threads
+
+        set_threads(args.threads)
     try:
         out, summary = predict(args.bundle, args.inputs, args.out, args.threshold, args.save_maps,
                                args.device, args.batch_size)
