@@ -145,3 +145,29 @@ def test_auto_precision_is_the_same_on_a_busy_machine():
         for process in busy:
             process.kill()
             process.wait()
+
+
+def test_backbone_spec_comes_from_the_config_and_round_trips():
+    from helpers import compose_config
+
+    cfg = compose_config("backbone=resnet50", "backbone.weights=random")
+    spec = bb.BackboneSpec.from_config(cfg.backbone, precision="bf16", channels_last=False)
+    assert spec == bb.BackboneSpec("resnet50", weights="random", tag="tv_in1k", precision="bf16", channels_last=False)
+    assert bb.BackboneSpec.of(spec.to_dict()) == spec and bb.BackboneSpec.of(spec) is spec
+    with pytest.raises(AttributeError):
+        spec.name = "resnet18"  # frozen: a model's record of its backbone cannot drift from what built it
+
+
+@pytest.mark.parametrize(("value", "key"), [({"name": "resnet18", "layers": ["layer1"]}, "backbone.layers"),
+                                            ({"weights": "random"}, "backbone")])
+def test_backbone_spec_refuses_what_it_does_not_know(value, key):
+    with pytest.raises(ADError, match=key):
+        bb.BackboneSpec.of(value)
+
+
+def test_extractor_from_spec_matches_the_spec():
+    spec = bb.BackboneSpec("resnet18", weights="random", precision="bf16", channels_last=False)
+    extractor = FeatureExtractor.from_spec(spec, ["layer2"])
+    assert (extractor.name, extractor.layers, extractor.precision, extractor.channels_last) == \
+        ("resnet18", ["layer2"], "bf16", False)
+    assert extractor.weights_source == "random"
