@@ -124,7 +124,7 @@ def test_end_to_end_padim(btad_root: Path, tmp_path: Path) -> None:
     cfg = compose_config(*TINY, "dataset=btad", f"dataset.root={btad_root}", "dataset.category=1", "tracking=none")
     results = run(cfg, tmp_path)
     assert (results["dataset"], results["category"]) == ("btad", "01")
-    assert (results["n_train"], results["n_test"]) == (N_TRAIN, N_TEST_OK + N_TEST_KO)
+    assert (results["n_train"] + results["n_val"], results["n_test"]) == (N_TRAIN, N_TEST_OK + N_TEST_KO)
     assert results["image_AUROC"] > 0.9 and results["pixel_AUROC"] > 0.9  # dark patches on smooth grey
 
 

@@ -133,5 +133,5 @@ def test_end_to_end_padim(visa_root: Path, tmp_path: Path) -> None:
     cfg = compose_config(*TINY, "dataset=visa", f"dataset.root={visa_root}", "dataset.category=pcb1", "tracking=none")
     results = run(cfg, tmp_path)
     assert (results["dataset"], results["category"]) == ("visa", "pcb1")
-    assert (results["n_train"], results["n_test"]) == (N_TRAIN, N_TEST_GOOD + N_TEST_BAD)
+    assert (results["n_train"] + results["n_val"], results["n_test"]) == (N_TRAIN, N_TEST_GOOD + N_TEST_BAD)
     assert results["image_AUROC"] > 0.9 and results["pixel_AUROC"] > 0.9  # dark patches on smooth grey
