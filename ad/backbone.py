@@ -412,20 +412,10 @@ class CachedFeatures:
         self.extractor, self.cache = extractor, cache
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
-        from ad.ops.cached import lookup_or_compute
+        from ad.ops.cached import cached_per_item
 
-        keys, batch = pixel_digests(images, "features", self.extractor.identity()), []
-
-        def compute(missing: list[int]) -> list[list[torch.Tensor]]:
-            batch.append(self.extractor.compute(images if len(missing) == len(keys) else images[missing]))
-            # clone: saving a view would write the whole batch's storage
-            return [[level[j].detach().cpu().clone() for level in batch[0]] for j in range(len(missing))]
-
-        found, missing = lookup_or_compute(keys, lambda key: self.cache.load("features", key), compute,
-                                           lambda key, entry: self.cache.save_async("features", key, entry))
-        if len(missing) == len(keys):  # nothing was cached: the batch as computed, not restacked
-            return batch[0]
-        return [torch.stack([entry[level] for entry in found]).to(images.device) for level in range(len(found[0]))]
+        keys = pixel_digests(images, "features", self.extractor.identity())
+        return cached_per_item(self.cache, "features", keys, images, self.extractor.compute)
 
 
 def pixel_digests(images: torch.Tensor, *parts: str) -> list[str]:

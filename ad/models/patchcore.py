@@ -23,8 +23,8 @@ from ad.backbone import BackboneSpec, FeatureExtractor, pixel_digests
 from ad.cache import DiskCache, digest
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
-from ad.ops.cached import lookup_or_compute
-from ad.ops.coreset import jl_dim, k_center_greedy, memory_bank_bytes, project_rows, take_rows
+from ad.ops.cached import cached_per_item
+from ad.ops.coreset import cached_k_center, jl_dim, k_center_greedy, memory_bank_bytes, project_rows, take_rows
 from ad.ops.knn import INDEX_KINDS, MemoryGuard, NearestNeighbours, torch_nearest
 from ad.postprocess import MapSmoother
 
@@ -122,24 +122,16 @@ class Patchcore(AnomalyModel):
     def coreset(self, chunks: list[torch.Tensor], size: int) -> torch.Tensor:
         """Indices of the greedy k-center coreset, chosen on a seeded sparse random projection.
 
-        Farthest-first picks don't depend on k, so a sweep over coreset_ratio reuses the longest
-        order cached for the same projected bank: any smaller coreset is its prefix.
+        With a cache, a sweep over coreset_ratio reuses the longest order found for the same
+        projected bank (``cached_k_center``: any smaller coreset is its prefix).
         """
         generator = torch.Generator().manual_seed(self.seed)
         n = sum(map(len, chunks))
         reduced = project_rows(chunks, self.projection_dim or jl_dim(n), generator)
         start = int(torch.randint(n, (1,), generator=generator))
-        if (cache := self._cache) is None:
+        if self._cache is None:
             return k_center_greedy(reduced, size, start)
-
-        def long_enough(key: str) -> torch.Tensor | None:
-            order = cache.load("coreset", key)
-            return order if order is not None and len(order) >= size else None
-
-        key = digest("coreset", reduced.cpu().numpy().tobytes(), str(start))
-        (order,), _ = lookup_or_compute([key], long_enough, lambda _: [k_center_greedy(reduced, size, start).cpu()],
-                                        lambda key, order: cache.save("coreset", key, order))
-        return order[:size].to(reduced.device)
+        return cached_k_center(reduced, size, start, self._cache)
 
     @property
     def search(self) -> NearestNeighbours:
@@ -154,20 +146,16 @@ class Patchcore(AnomalyModel):
         """``nearest`` over (B, h*w, C) patches, per image from the feature cache when this bank has
         searched this image before: a rerun, or a sweep over ``num_neighbors`` or ``blur_sigma``, skips
         the search (a new ``coreset_ratio`` makes a new bank, hence new keys)."""
-        if (cache := self._cache) is None:
+        if self._cache is None:
             return self.nearest(patches.reshape(-1, patches.shape[-1]))
         bank_digest = self._from_bank("digest", lambda bank: digest("bank", bank.detach().cpu().contiguous().numpy()))
         keys = pixel_digests(images, NEAREST_CACHE_TAG, bank_digest, self.index_kind, self.extractor.identity())
 
-        def search_misses(missing: list[int]) -> list[list[torch.Tensor]]:
-            rows = patches if len(missing) == len(keys) else patches[missing]
-            distances, index = self.nearest(rows.reshape(-1, patches.shape[-1]))
-            return [[d.clone(), i.clone()] for d, i in zip(distances.view(len(missing), -1).cpu(),
-                                                         index.view(len(missing), -1).cpu(), strict=True)]
+        def search(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(t.view(len(rows), -1) for t in self.nearest(rows.reshape(-1, rows.shape[-1])))
 
-        found, _ = lookup_or_compute(keys, lambda key: cache.load("nearest", key), search_misses,
-                                     lambda key, value: cache.save_async("nearest", key, value))
-        return tuple(torch.cat([entry[k] for entry in found]).to(patches.device) for k in (0, 1))
+        distances, index = cached_per_item(self._cache, "nearest", keys, patches, search)
+        return distances.reshape(-1), index.reshape(-1)
 
     def _from_bank(self, slot: str, build: Callable[[torch.Tensor], object]):
         """``build(memory_bank)``, kept under ``slot`` until the bank (or the index kind) changes."""

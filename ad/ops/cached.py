@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ad.cache import DiskCache
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -37,3 +42,37 @@ def lookup_or_compute(
             found[i] = value
             store(keys[i], value)
     return found, missing
+
+
+def cached_per_item(
+    cache: DiskCache,
+    kind: str,
+    keys: Sequence[str],
+    batch: torch.Tensor,
+    compute: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """``compute(batch)`` through ``cache``, item by item: only the items whose key it lacks are computed.
+
+    Args:
+        cache: where entries live, under ``kind``; new ones are written asynchronously.
+        kind: the cache's namespace for these entries.
+        keys: (B,) one key per item of ``batch``, naming everything its outputs depend on.
+        batch: (B, ...) the items.
+        compute: (b, ...) items -> outputs, each (b, ...) with one row per item.
+
+    Returns:
+        The outputs for the whole batch, each (B, ...) on ``batch``'s device; when nothing was
+        cached, exactly what ``compute(batch)`` gave (no copy, its dtype and memory layout kept).
+    """
+    computed = []
+
+    def compute_misses(missing: list[int]) -> list[list[torch.Tensor]]:
+        computed.append(compute(batch if len(missing) == len(keys) else batch[missing]))
+        # clone: saving a view would write the whole batch's storage
+        return [[out[j].detach().cpu().clone() for out in computed[0]] for j in range(len(missing))]
+
+    found, missing = lookup_or_compute(keys, lambda key: cache.load(kind, key), compute_misses,
+                                       lambda key, entry: cache.save_async(kind, key, entry))
+    if len(missing) == len(keys):
+        return list(computed[0])
+    return [torch.stack([entry[i] for entry in found]).to(batch.device) for i in range(len(found[0]))]

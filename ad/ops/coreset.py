@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import faiss
 import torch
 
 from ad.threads import single_threaded
+
+if TYPE_CHECKING:
+    from ad.cache import DiskCache
 
 #: Johnson-Lindenstrauss distortion anomalib uses to size its coreset projection (projection_dim: null).
 JL_EPS = 0.9
@@ -150,6 +154,25 @@ def k_center_greedy(features: torch.Tensor, k: int, start: int, exhaustive: bool
                 idx = state.farthest()
     return chosen
 
+
+
+def cached_k_center(features: torch.Tensor, k: int, start: int, cache: DiskCache) -> torch.Tensor:
+    """``k_center_greedy(features, k, start)``, reusing an order cached for the same rows and start.
+
+    Farthest-first picks don't depend on k, so any order at least k long holds the answer as its
+    prefix: a sweep over the coreset size computes the longest order once.
+    """
+    from ad.cache import digest
+    from ad.ops.cached import lookup_or_compute
+
+    def long_enough(key: str) -> torch.Tensor | None:
+        order = cache.load("coreset", key)
+        return order if order is not None and len(order) >= k else None
+
+    key = digest("coreset", features.cpu().numpy().tobytes(), str(start))
+    (order,), _ = lookup_or_compute([key], long_enough, lambda _: [k_center_greedy(features, k, start).cpu()],
+                                    lambda key, order: cache.save("coreset", key, order))
+    return order[:k].to(features.device)
 
 def project_rows(chunks: list[torch.Tensor], out_dim: int, generator: torch.Generator) -> torch.Tensor:
     """Rows projected by a seeded sparse random matrix when that shrinks them, then centred.
