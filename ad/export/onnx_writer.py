@@ -1,8 +1,8 @@
 """Write a ``Detector`` to one ONNX file, weights and metadata included, with torch's TorchScript-based exporter.
 
-The TorchScript exporter (``dynamo=False``) traces the module once; the dynamo exporter was tried and
-is several times slower on these backbones for the same graph. The batch dimension is symbolic
-(``batch=None``) or fixed.
+The TorchScript exporter (``dynamo=False``) traces the module once. The dynamo exporter also exports
+these graphs, but took longer on every model tried (README, Export) and needs the onnxscript package
+besides. The batch dimension is symbolic (``batch=None``) or fixed.
 """
 
 from __future__ import annotations
