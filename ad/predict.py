@@ -1,6 +1,7 @@
 """Score new images with a fitted model: ``python -m ad.predict BUNDLE INPUT... [--out DIR]``.
 
-``BUNDLE`` is a run folder, its ``model/`` folder, or an MLflow run id / ``runs:/`` / ``models:/`` URI;
+``BUNDLE`` is a run folder, its ``model/`` folder, an MLflow run id / ``runs:/`` / ``models:/`` URI, or a
+detector exported by ``ad.export`` (``.onnx``, run by ONNX Runtime; OpenVINO ``.xml``), scored without torch;
 ``INPUT`` are images, folders (searched recursively) or glob patterns. Writes ``DIR/predictions.csv``
 (path, score, label and, for methods with maps, the flagged share of the image) and with
 ``--save-maps`` an overlay panel and a binary mask per image. Images are read, resized and
@@ -133,7 +134,9 @@ def read_images(paths: list[Path], size: int) -> tuple[list[Path], list[np.ndarr
 
 
 def score_images(bundle, images: np.ndarray, device) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scores (B,) and maps (B, S, S) of uint8 (B, S, S, 3) images at the bundle's size."""
+    """Scores (B,) and maps (B, S, S) of uint8 (B, S, S, 3) images at the bundle's size (or an exported detector's)."""
+    if hasattr(bundle, "score"):  # ad.export.runtime.ExportedDetector: its own runtime, no torch
+        return bundle.score(images)
     import torch
 
     from ad.data.tensors import normalize_batch
@@ -194,21 +197,36 @@ def colour_scale(bundle) -> tuple[float, float] | None:
     return float(floor), float(floor + 2 * (threshold - floor))
 
 
-def predict(bundle_ref: str, inputs: list[str], out: Path | None = None, threshold: float | None = None,
-            save_maps: bool = False, device: str = "auto", batch_size: int = 32) -> tuple[Path, dict]:
-    """Score ``inputs`` with a bundle; returns the output folder and a summary. Raises ADError on bad input."""
+def is_exported(reference: str) -> bool:
+    """An exported detector file (``ad.export``): ``.onnx`` or OpenVINO ``.xml``."""
+    return Path(reference).suffix in (".onnx", ".xml")
+
+
+def load_scorer(bundle_ref: str, device: str):
+    """The bundle (torch, on ``device``) or exported detector (its runtime, CPU) that ``bundle_ref`` names."""
+    if is_exported(bundle_ref):
+        from ad.export.runtime import load_exported
+
+        return load_exported(bundle_ref), None
     import torch
 
     from ad.bundle import load_bundle
-    from ad.predictions import FILE, labels_at, write_predictions
 
-    paths = expand_inputs(inputs)  # everything checkable is checked before the model loads
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ADError("--device: cuda was requested but no CUDA GPU is available; use --device auto")
     with tempfile.TemporaryDirectory(prefix="ad-bundle-") as scratch:
-        bundle = load_bundle(resolve_bundle(bundle_ref, Path(scratch)), device)
+        return load_bundle(resolve_bundle(bundle_ref, Path(scratch)), device), torch.device(device)
+
+
+def predict(bundle_ref: str, inputs: list[str], out: Path | None = None, threshold: float | None = None,
+            save_maps: bool = False, device: str = "auto", batch_size: int = 32) -> tuple[Path, dict]:
+    """Score ``inputs`` with a bundle; returns the output folder and a summary. Raises ADError on bad input."""
+    from ad.predictions import FILE, labels_at, write_predictions
+
+    paths = expand_inputs(inputs)  # everything checkable is checked before the model loads
+    bundle, device = load_scorer(bundle_ref, device)
     image_threshold = bundle.image_threshold if threshold is None else float(threshold)
     maps_wanted = bundle.produces_maps
     out = Path(out) if out is not None else DEFAULT_OUT / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -223,7 +241,7 @@ def predict(bundle_ref: str, inputs: list[str], out: Path | None = None, thresho
     columns: dict[str, list] = {"path": [], "score": []}
     areas: list[float] = []
     try:
-        for scored in score_paths(bundle, paths, batch_size, torch.device(device), errors):
+        for scored in score_paths(bundle, paths, batch_size, device, errors):
             columns["path"] += [str(p) for p in scored.paths]
             columns["score"] += scored.scores.tolist()
             if scored.maps is not None and bundle.pixel_threshold is not None:
@@ -254,7 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="examples:\n  ad-predict outputs/runs/2026-12-06_10-00-00_padim new_parts/\n"
                "  ad-predict 3f2a...e1 'line2/*.png' --save-maps --out flagged/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundle", help="run folder, its model/ folder, or an MLflow run id / runs:/ or models:/ URI")
+    parser.add_argument("bundle", help="run folder, its model/ folder, an MLflow run id / runs:/ or models:/ URI, "
+                        "or a detector exported by ad.export (.onnx, OpenVINO .xml)")
     parser.add_argument("inputs", nargs="+", help="images, folders (searched recursively) or glob patterns")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/predictions/<time>/)")
     parser.add_argument("--threshold", type=float, help="image threshold to flag at, instead of the bundle's")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:  # imported where used: ad.predict reads images for exported detectors without torch
+    import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -20,6 +22,8 @@ def single_threaded(device: torch.device) -> Iterator[None]:
 
     OpenMP's fork/join costs more than such ops; on shared cores up to 10x more. No-op on GPUs.
     """
+    import torch
+
     faiss = sys.modules.get("faiss")
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -36,12 +40,14 @@ def single_threaded(device: torch.device) -> Iterator[None]:
 
 def map_on_cores(function: Callable[[T], R], items: Sequence[T], workers: int | None = None,
                  name: str = "ad-map") -> list[R]:
-    """``[function(item) for item in items]`` on up to ``workers`` threads (default: torch's CPU threads).
+    """``[function(item) for item in items]`` on up to ``workers`` threads (default: torch's CPU threads, or
+    the usable cores when torch is not loaded).
 
     For work that releases the GIL (hashing, file reads, Pillow decoding); in order, and the first
     error is raised as the plain loop would raise it.
     """
-    workers = min(workers or torch.get_num_threads(), len(items))
+    torch = sys.modules.get("torch")
+    workers = min(workers or (torch.get_num_threads() if torch else len(os.sched_getaffinity(0))), len(items))
     if workers < 2:
         return [function(item) for item in items]
     with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
