@@ -35,15 +35,19 @@ Batch invariance
 State
     Everything scoring needs lives in parameters and buffers, so the constructor's settings plus
     ``state_dict()`` rebuild the fitted model: that is what the model bundle stores
-    (``ad.bundle``; ``load_fitted_state`` loads it, buffers taking their fitted shapes). Models are
-    deep-copied and pickled; helpers that cannot be (a faiss index, a cache) are rebuilt or
-    dropped in ``__getstate__``. ``resolved_settings()`` reports settings the method chose itself.
+    (``ad.bundle``; ``load_fitted_state`` loads it, buffers taking their fitted shapes). A model may
+    be deep-copied or pickled; helpers that cannot be (a faiss index, a cache) are dropped in
+    ``__getstate__`` and rebuilt on use. ``resolved_settings()`` reports settings the method chose
+    itself (PaDiM's feature count for null), for the record.
 
 Caching
     The run calls ``use_cache(cache)`` once; by default every ``FeatureExtractor`` then serves its
     features through ``ad.backbone.CachedFeatures``. A method that caches more (PatchCore's coreset
     and searches) overrides ``use_cache`` and keeps the cache it is given; it reads no cache set
     from outside.
+
+``tests/test_contract.py`` holds a complete method written from this docstring alone (the distance
+of each feature to the mean training feature) and runs it through ``ad.run.run``.
 """
 
 from __future__ import annotations
