@@ -363,10 +363,6 @@ class FeatureExtractor(nn.Module):
         """The feature cache ``use_cache`` gave, or None."""
         return None if self._cached is None else self._cached.cache
 
-    @cache.setter
-    def cache(self, cache: DiskCache | None) -> None:
-        self.use_cache(cache)
-
     def identity(self) -> str:
         """Hash of everything that determines the features besides the input: weights, layers, numerics."""
         if self._identity is None:

@@ -354,7 +354,7 @@ def fit_and_evaluate(cfg: DictConfig, run_dir: Path, started: float | None) -> d
                 outputs.maps, outputs.masks, None if pixel_threshold is None else pixel_threshold.value))
             test_s = time.perf_counter() - start
 
-        uses_backbone = model.weights_source != "none"  # GANomaly learns from pixels: no backbone to name
+        uses_backbone = model.uses_backbone  # GANomaly learns from pixels: no backbone to name
         backbone_name = cfg.backbone.name if uses_backbone else "none"
         results = {
             **metrics, **threshold_results(image_threshold, pixel_threshold), "fit_s": round(fit_s, 3),

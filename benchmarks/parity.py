@@ -160,7 +160,7 @@ def ganomaly_pair(backbone: str, weights: Path, size: int) -> Pair:
 
     from ad.models.ganomaly import Ganomaly
 
-    ours = Ganomaly(image_size=size, reinit_discriminator_below=None)
+    ours = Ganomaly(image_size=size, reinit_discriminator_below=None, channels_last=SETTINGS["channels_last"])
     theirs = Theirs(pre_processor=Theirs.configure_pre_processor((size, size)))
     names = in_order(ours, theirs.model, skip=("mean", "std", "discriminator_resets"))
     return Pair(ours, theirs, names, losses={"loss": "generator_loss", "discriminator": "discriminator_loss"})

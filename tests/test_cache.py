@@ -82,7 +82,7 @@ def test_cached_features_equal_computed_ones_and_skip_the_backbone(tmp_path, mon
     extractor = FeatureExtractor("resnet18", ["layer1", "layer2"], weights="random")
     images = torch.randn(4, 3, 64, 64)
     expected = extractor(images)
-    extractor.cache = DiskCache(tmp_path)
+    extractor.use_cache(DiskCache(tmp_path))
     first = extractor(images[:3])
     calls = []
     compute = extractor.compute
@@ -98,7 +98,7 @@ def test_bf16_features_are_cached_as_computed_and_read_back_exactly(tmp_path):
     extractor = FeatureExtractor("resnet18", ["layer1", "layer2"], weights="random", precision="bf16")
     images = torch.randn(2, 3, 64, 64)
     expected = extractor(images)  # no cache: the fp32 conversion of the bf16 maps
-    extractor.cache = DiskCache(tmp_path)
+    extractor.use_cache(DiskCache(tmp_path))
     extractor(images)
     extractor.cache.flush()  # the writes are asynchronous
     key = digest("features", extractor.identity(), images[0].permute(1, 2, 0).contiguous().numpy().tobytes())
@@ -111,7 +111,7 @@ def test_native_features_are_the_bf16_maps_cold_and_warm(tmp_path):
     extractor = FeatureExtractor("resnet18", ["layer1", "layer2"], weights="random", precision="bf16")
     images = torch.randn(2, 3, 64, 64)
     expected = extractor(images)
-    extractor.cache = DiskCache(tmp_path)
+    extractor.use_cache(DiskCache(tmp_path))
     for _ in ("computed", "read back"):
         native = extractor(images, fp32=False)
         assert [level.dtype for level in native] == [torch.bfloat16] * 2

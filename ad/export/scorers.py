@@ -29,7 +29,8 @@ class ModelForward(nn.Module):
 def in_fp32(model: nn.Module) -> nn.Module:
     """``model`` with every backbone set to fp32 and no feature cache (in place): what an export computes."""
     for extractor in (m for m in model.modules() if isinstance(m, FeatureExtractor)):
-        extractor.precision, extractor.cache = "fp32", None
+        extractor.precision = "fp32"
+        extractor.use_cache(None)
     return model.eval()
 
 
