@@ -45,3 +45,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory):
+    """``fitted(method)``: the folder of one tiny fitted run of ``method``, made once per session and shared
+    (tests read it; those that change a bundle copy it first)."""
+    from helpers import FIT_TINY, QUICK, compose_config
+
+    from ad.run import run
+
+    runs: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in runs:
+            run_dir = tmp_path_factory.mktemp(method) / "run"
+            run(compose_config(*FIT_TINY, f"model={method}", *QUICK[method]), run_dir)
+            runs[method] = run_dir
+        return runs[method]
+
+    return get

@@ -9,18 +9,16 @@ processes for scheduling, so the run and the load share one group, as in a user'
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TINY
+from helpers import TINY, busy
 
 #: How much slower than idle a busy machine may make the whole command: a fair share of the cores
 #: (the run's threads against cores + 1 busy processes) costs about 2-2.5x.
@@ -29,23 +27,9 @@ SLOWDOWN_LIMIT = 3.0
 #: session more than that; the run may then be this much slower than a plain CPU-bound process.
 FAIR_SHARE_MARGIN = 1.5
 #: One CPU-bound process: spins until its deadline (argv[1], seconds) even if the test never stops it.
-SPIN = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
 #: A fixed amount of plain single-threaded CPU work: what the load does to any process of this session.
 REFERENCE = "for _ in range(30_000_000):\n    pass\n"
 SMALL = [*TINY, "dataset.n_train=12", "dataset.n_test_good=6", "dataset.n_test_defect=6"]
-
-
-@contextlib.contextmanager
-def busy(seconds: float) -> Iterator[None]:
-    """Cores + 1 CPU-bound processes at normal priority in this session for the block (at most ``seconds``)."""
-    spinners = [subprocess.Popen([sys.executable, "-c", SPIN, str(seconds)]) for _ in range((os.cpu_count() or 1) + 1)]
-    try:
-        yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-        for spinner in spinners:
-            spinner.wait()
 
 
 def timed_launch(tmp_path: Path, name: str, overrides: list[str], migrated_db: Path, timeout: float) -> float:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, compose_config
 
 from ad.bundle import load_bundle
 from ad.data.io import read_image
@@ -22,34 +21,13 @@ from ad.export.runtime import load_exported
 from ad.export.scorers import ModelForward, in_fp32, scorer_for
 from ad.predict import score_images
 from ad.predictions import read_predictions
-from ad.run import run
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 pytest.importorskip("openvino", reason="the export extra is not installed: pip install -e '.[export]'")
 
-SMALL = [*TINY, "tracking=none", "dataset.n_train=10", "dataset.n_test_good=4", "dataset.n_test_defect=4",
-         "trainer.max_epochs=1", "dataset.val_ratio=0.2"]
-#: Per-method settings that keep a run to seconds.
-QUICK = {"ganomaly": ["model.n_features=8"], "dfkde": ["model.n_pca_components=4"], "patchcore": [], "cflow": [],
-         "dfm": [], "padim": [], "stfpm": [], "reverse_distillation": []}
 METHODS = ["padim", "patchcore", "stfpm", "reverse_distillation", "dfm", "dfkde", "cflow", "ganomaly"]
 #: Methods with an export forward of their own (the others export their model's forward).
 OWN_FORWARD = ["padim", "patchcore", "cflow", "dfkde"]
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """One tiny fitted run folder per method (fitted lazily, once per module)."""
-    runs: dict[str, Path] = {}
-
-    def get(method: str) -> Path:
-        if method not in runs:
-            run_dir = tmp_path_factory.mktemp(method) / "run"
-            run(compose_config(*SMALL, f"model={method}", *QUICK[method]), run_dir)
-            runs[method] = run_dir
-        return runs[method]
-
-    return get
 
 
 def run_images(run_dir: Path, size: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY, compose_config
+from helpers import QUICK, TINY
 
 from ad.bundle import METADATA, TENSORS, load_bundle
 from ad.data import make_mvtec_layout
@@ -19,28 +19,6 @@ from ad.errors import ADError
 from ad.predict import main as predict_main
 from ad.predict import predict
 from ad.predictions import read_predictions
-from ad.run import run
-
-SMALL = [*TINY, "tracking=none", "dataset.n_train=10", "dataset.n_test_good=4", "dataset.n_test_defect=4",
-         "trainer.max_epochs=1", "dataset.val_ratio=0.2"]
-#: Per-method settings that keep a run to seconds.
-QUICK = {"ganomaly": ["model.n_features=8"], "dfkde": ["model.n_pca_components=4"], "patchcore": [], "cflow": [],
-         "dfm": [], "padim": [], "stfpm": [], "reverse_distillation": []}
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory) -> dict[str, Path]:
-    """One tiny fitted run folder per method (fitted lazily, once per module)."""
-    runs: dict[str, Path] = {}
-
-    def get(method: str) -> Path:
-        if method not in runs:
-            run_dir = tmp_path_factory.mktemp(method) / "run"
-            run(compose_config(*SMALL, f"model={method}", *QUICK[method]), run_dir)
-            runs[method] = run_dir
-        return runs[method]
-
-    return get
 
 
 @pytest.mark.parametrize("method", sorted(QUICK))

@@ -1,23 +1,20 @@
 """The runtime layer: process tuning only the command line applies, and a run() that leaves its process as it was."""
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TINY, compose_config
+from helpers import TINY, busy, compose_config
 
 import ad.runtime
 from ad.launch import CONF_DIR
 
 SMALL = [*TINY, "dataset.n_train=12", "dataset.n_test_good=6", "dataset.n_test_defect=6", "tracking=none"]
 #: One CPU-bound process: spins until its deadline (argv[1], seconds) even if the test never stops it.
-SPIN = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
 
 #: Runs ``ad.run.run`` in a fresh interpreter and prints what it changed in the process, as JSON.
 SIDE_EFFECTS = textwrap.dedent("""
@@ -30,8 +27,10 @@ SIDE_EFFECTS = textwrap.dedent("""
 
     def state():
         import random, numpy
-        rngs = [random.getstate()[1][:4], numpy.random.get_state()[1][:4].tolist(), torch.random.get_rng_state()[:16].tolist()]
-        return {"random_states": str(rngs), "gc_frozen": gc.get_freeze_count(), "torch_threads": torch.get_num_threads(),
+        rngs = [random.getstate()[1][:4], numpy.random.get_state()[1][:4].tolist(),
+                torch.random.get_rng_state()[:16].tolist()]
+        return {"random_states": str(rngs), "gc_frozen": gc.get_freeze_count(),
+                "torch_threads": torch.get_num_threads(),
                 "interop_threads": torch.get_num_interop_threads(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
                 "malloc_kept_limit": allocator.kept_limit, "omp_env": os.environ.get("OMP_NUM_THREADS")}
 
@@ -106,19 +105,6 @@ def test_the_trainer_group_holds_only_what_training_needs():
     cfg = compose_config()
     moved = {"keep_freed_memory", "feature_cache", "prefetch", "cache_dir", "cache_max_gb"}
     assert not moved & set(cfg.trainer) and moved <= set(cfg.runtime)
-
-
-@contextlib.contextmanager
-def busy(seconds: float) -> Iterator[None]:
-    """Cores + 1 CPU-bound processes at normal priority in this session for the block (at most ``seconds``)."""
-    spinners = [subprocess.Popen([sys.executable, "-c", SPIN, str(seconds)]) for _ in range((os.cpu_count() or 1) + 1)]
-    try:
-        yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-        for spinner in spinners:
-            spinner.wait()
 
 
 def launch_metrics(work: Path) -> dict:
