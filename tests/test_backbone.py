@@ -10,6 +10,7 @@ import timm
 import torch
 
 from ad import backbone as bb
+from ad import weights
 from ad.backbone import FeatureExtractor, layer_indices, resolve_precision
 from ad.errors import ADError
 
@@ -79,8 +80,8 @@ def test_unknown_weight_tag_lists_the_available_ones():
 
 
 def test_unreachable_hub_warns_loudly_and_records_random(monkeypatch, caplog):
-    monkeypatch.setattr(bb, "_cached_hub_file", lambda hub_id: None)
-    monkeypatch.setattr(bb, "_host_reachable", lambda url: False)
+    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id: None)
+    monkeypatch.setattr(weights, "_host_reachable", lambda url: False)
     extractor = FeatureExtractor("resnet18", ["layer1"], weights="imagenet", tag="tv_in1k")
     assert extractor.weights_source == "random"
     assert "RANDOMLY INITIALISED" in caplog.text and "backbone.weights=" in caplog.text
@@ -89,7 +90,7 @@ def test_unreachable_hub_warns_loudly_and_records_random(monkeypatch, caplog):
 def test_cached_hub_weights_load_offline_as_imagenet(monkeypatch, resnet18_checkpoint):
     path, state = resnet18_checkpoint
     requested = []
-    monkeypatch.setattr(bb, "_cached_hub_file", lambda hub_id: requested.append(hub_id) or str(path))
+    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id: requested.append(hub_id) or str(path))
     extractor = FeatureExtractor("resnet18", ["layer1"], weights="imagenet", tag="tv_in1k")
     assert requested == ["timm/resnet18.tv_in1k"]
     assert extractor.weights_source == "imagenet"

@@ -109,7 +109,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_naming_the_keys(resnet18_sta
 
 
 def test_a_prefix_is_kept_where_the_architecture_has_those_keys():
-    from ad.backbone import strip_wrapper_prefix
+    from ad.weights import strip_wrapper_prefix
 
     state = {"model.conv.weight": torch.zeros(1), "model.fc.weight": torch.zeros(1)}
     assert strip_wrapper_prefix(state, known={"model.conv.weight"}) == (state, "")
