@@ -67,7 +67,7 @@ def assert_loads_exactly(weights: str, state: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize("prefix", ["backbone.", "module.", "model.", "encoder.", "module.backbone."])
 def test_a_checkpoint_under_a_wrapper_prefix_loads_exactly_and_says_so(resnet18_state, tmp_path, caplog, prefix):
     path = save({prefix + key: value for key, value in resnet18_state.items()}, tmp_path / "wrapped.pth")
-    with caplog.at_level(logging.INFO, logger="ad.backbone"):
+    with caplog.at_level(logging.INFO, logger="ad.weights"):
         assert_loads_exactly(path, resnet18_state)
     assert f"'{prefix}'" in caplog.text
 
