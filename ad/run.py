@@ -28,6 +28,13 @@ import ad
 from ad.backbone import BackboneSpec, resolve_precision
 from ad.bundle import run_meta, save_bundle
 from ad.cache import DiskCache
+from ad.checkpoints import (
+    check_checkpoint,
+    checkpoint_run_id,
+    find_checkpoint,
+    load_checkpoint,
+    requeued_checkpoint,
+)
 from ad.data import collate, denormalize
 from ad.errors import ADError, ConfigError, one_line, out_of_space
 from ad.metrics import compute_metrics, operating_point_metrics
@@ -39,14 +46,7 @@ from ad.scoring import TestOutputs, evaluate, progress, score, set_thresholds, t
 from ad.sweep import run_name as sweep_run_name
 from ad.sweep import sweep_tags
 from ad.tracking import BackgroundTracker, StoreError, check_tracking, logged_model_name, store_folder
-from ad.trainer import (
-    Trainer,
-    check_checkpoint,
-    checkpoint_run_id,
-    find_checkpoint,
-    load_checkpoint,
-    requeued_checkpoint,
-)
+from ad.trainer import Trainer
 from ad.validate import check_config, check_dataset
 from ad.visualize import overlay_panel, pick_examples
 

@@ -440,7 +440,7 @@ def test_an_error_in_a_loader_worker_is_one_line_in_the_error_tag(tmp_path, trac
 
 
 def test_a_requeued_slurm_job_continues_from_its_own_checkpoint(tmp_path, monkeypatch):
-    from ad.trainer import requeued_checkpoint
+    from ad.checkpoints import requeued_checkpoint
 
     last = tmp_path / "checkpoints" / "last.pt"
     last.parent.mkdir()

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from ad.checkpoints import find_checkpoint, load_checkpoint
 from ad.errors import ADError
 from ad.models.base import Prediction, TrainableModel
 from ad.postprocess import max_score
 from ad.tracking import Tracker
-from ad.trainer import Trainer, find_checkpoint, load_checkpoint
+from ad.trainer import Trainer
 
 CPU = torch.device("cpu")
 
