@@ -253,7 +253,8 @@ def claim_command_start() -> float | None:
 
 def run_job(cfg: DictConfig) -> float | None:
     """One run (a sweep job, or the whole command): its result for a sweeper, or None if it failed."""
-    from ad.run import RESULT_KEYS, format_table, run  # torch only once the config is known to be valid
+    from ad.run import RESULT_KEYS, run  # torch only once the config is known to be valid
+    from ad.summary import format_table
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     metric = str(cfg.get("optimized_metric", "image_AUROC"))

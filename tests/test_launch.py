@@ -190,10 +190,11 @@ def hydra_job(tmp_path):
 def test_the_sweeper_gets_the_optimized_metric(hydra_job, monkeypatch, capsys):
     import ad.launch
     import ad.run
+    import ad.summary
 
     monkeypatch.setattr(ad.run, "run", lambda cfg, run_dir, started: {"image_AUROC": 0.9, "pixel_AUPRO": 0.4,
                                                                        "fit_s": 2.0})
-    monkeypatch.setattr(ad.run, "format_table", lambda results: f"table of {len(results)} results")
+    monkeypatch.setattr(ad.summary, "format_table", lambda results: f"table of {len(results)} results")
     assert ad.launch.run_job(hydra_job("tracking=none")) == 0.9
     assert capsys.readouterr().out == "table of 3 results\n"  # the command line prints; run() does not
     assert ad.launch.run_job(hydra_job("tracking=none", "optimized_metric=pixel_AUPRO")) == 0.4
