@@ -347,6 +347,7 @@ def fit_and_evaluate(cfg: DictConfig, run_dir: Path, started: float | None) -> d
             cfg, model, model_name, dataset, precision, (image_threshold, pixel_threshold), results))
         tracker.log_model(run_dir / "model", name=logged_model_name(model_name, backbone_name, dataset.category))
         tracker.log_artifact(run_dir / PREDICTIONS)
+        tracker.log_curves(run_dir / PREDICTIONS, None if image_threshold is None else image_threshold.value)
         log_examples(tracker, dataset, outputs, getattr(tracker, "num_images", 0), cache)
         tracker.wait()
         if cache is not None:

@@ -559,3 +559,15 @@ def test_open_command_and_address_follow_the_store():
     assert open_command("sqlite:////data/runs/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db"
     assert open_command("http://tracker:5000") == ""
     assert experiment_url("http://tracker:5000/", "7").startswith("http://tracker:5000/#/experiments/7/runs?")
+
+
+def test_a_run_logs_its_image_curves(tracking_uri, tmp_path):
+    predictions = tmp_path / "predictions.csv"
+    predictions.write_text("path,score,label,target,defect\na.png,0.1,0,0,good\nb.png,0.9,1,1,crack\n"
+                           "c.png,0.4,0,0,good\nd.png,0.6,1,1,hole\n")
+    tracker = started(tracking_uri, tmp_path)
+    tracker.log_curves(predictions, 0.5)
+    run_id = tracker.run_id
+    tracker.end()
+    names = [f.path for f in MlflowClient(tracking_uri).list_artifacts(run_id, "curves")]
+    assert names == ["curves/image_curves.svg"]

@@ -90,6 +90,9 @@ class BackgroundTracker(Tracker):
     def log_image(self, image: np.ndarray, name: str) -> None:
         self._submit("log_image", image, name)
 
+    def log_curves(self, predictions: Path, threshold: float | None) -> None:
+        self._submit("log_curves", predictions, threshold)
+
     def log_model(self, bundle: Path, name: str | None = None) -> None:
         """Log the bundle folder on the worker (it is written whole before this is called)."""
         if not self.inner.save_model:

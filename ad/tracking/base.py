@@ -59,6 +59,10 @@ class Tracker:
     def log_image(self, image: np.ndarray, name: str) -> None:
         """Store a uint8 HxWx3 image under ``name`` (e.g. ``anomaly_maps/000_good.png``)."""
 
+    def log_curves(self, predictions: Path, threshold: float | None) -> None:
+        """Store the image-level ROC and precision-recall curves and the score histogram of a run's
+        ``predictions.csv``, with the operating threshold marked (``curves/image_curves.svg``)."""
+
     def log_model(self, bundle: Path, name: str | None = None) -> None:
         """Store the run's model bundle folder as its model, under ``name`` or else one made of the run's
         method, backbone and category."""

@@ -7,6 +7,7 @@ failure to end a run leaves no state behind to repair.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Sequence
@@ -263,6 +264,17 @@ class MLflowTracker(Tracker):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"log_image expects uint8 HxWx3, got {image.dtype} {image.shape}")
         self._client().log_image(run_id, image, artifact_file=name)
+
+    def log_curves(self, predictions: Path, threshold: float | None) -> None:
+        from ad.report.artifacts import read_predictions
+        from ad.report.plots import run_figure
+
+        found = read_predictions(Path(predictions))
+        if found is None:
+            return
+        uri = run_figure(found, threshold)  # the figure the HTML report draws for the run
+        svg = base64.b64decode(uri.split(",", 1)[1]).decode()
+        self._client().log_text(self._require_run(), svg, "curves/image_curves.svg")
 
     def prepare(self) -> None:
         """Run MLflow's check of the model's requirements against this environment on the background thread
