@@ -120,6 +120,7 @@ def test_joblib_jobs_share_a_new_sqlite_store(tmp_path):
     """Two parallel processes create the default store at once: the file lock lets one migrate it."""
     result = launch(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *QUICK,
                     "dataset.category=brick,nope,grass")
+    assert result.returncode == 1, result.stderr[-3000:]  # before reading the store: say why if it is missing
     assert_survived(result, runs_by_category(f"sqlite:///{tmp_path}/mlflow.db"), ["brick", "grass"], "nope")
 
 
