@@ -8,6 +8,9 @@ a uint8 (N, H, W, 3) image batch, and returns a DataFrame with ``score`` and ``l
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
@@ -95,21 +98,41 @@ def as_images(model_input, size: int, read_images) -> np.ndarray:
     return batch
 
 
-def log_bundle(bundle_dir: Path, name: str, run_id: str):
+@contextlib.contextmanager
+def tracking_store(uri: str | None) -> Iterator[None]:
+    """MLflow's current store set to ``uri`` for the block, then put back as it was.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the environment (for child
+    processes): left set, it would send every later process of the caller to this store.
+    """
+    if uri is None:
+        yield
+        return
+    previous = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None: unset again, environment included
+
+
+def log_bundle(bundle_dir: Path, name: str, run_id: str, uri: str | None = None):
     """Log ``bundle_dir`` as run ``run_id``'s MLflow model ``name`` (models from code; nothing pickled).
 
     Through ``Model.log``, which ``mlflow.pyfunc.log_model`` calls: it alone takes the run id, which a
     tracker logging from its own thread needs (the fluent API's active run is per thread); the model
     entry is made first in the run's experiment, which ``Model.log`` would take from the thread instead.
+    ``uri``: the store, for the length of the call (default: MLflow's current one).
     """
     import ad
 
-    client = mlflow.MlflowClient()
-    experiment_id = client.get_run(run_id).info.experiment_id
-    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
-    return mlflow.models.Model.log(
-        artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
-        python_model=str(Path(__file__).with_name("serving_model.py")),
-        artifacts={"bundle": str(bundle_dir)}, code_paths=[str(Path(ad.__file__).parent)],
-        pip_requirements=requirements(),
-    )
+    with tracking_store(uri):
+        client = mlflow.MlflowClient()
+        experiment_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+        return mlflow.models.Model.log(
+            artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
+            python_model=str(Path(__file__).with_name("serving_model.py")),
+            artifacts={"bundle": str(bundle_dir)}, code_paths=[str(Path(ad.__file__).parent)],
+            pip_requirements=requirements(),
+        )

@@ -1,6 +1,8 @@
 """Shared fixtures: every test writes caches and tracking stores under its own temp folders."""
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,21 @@ def _isolated_cache(tmp_path_factory):
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_restored():
+    """MLflow's current store, and the MLFLOW_TRACKING_URI it exports to child processes, as before each test:
+    ``mlflow.set_tracking_uri`` in one test would otherwise send later tests' subprocesses to its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        if "mlflow" in sys.modules:
+            sys.modules["mlflow"].set_tracking_uri(before)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(scope="session")

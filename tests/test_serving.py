@@ -34,12 +34,7 @@ def logged(tmp_path_factory) -> tuple[str, Path, str]:
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("serving")
     run_id = client.create_run(experiment).info.run_id
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        info = log_bundle(run_dir / "model", "padim-resnet18-brick", run_id)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    info = log_bundle(run_dir / "model", "padim-resnet18-brick", run_id, uri=uri)
     return info.model_uri, run_dir, uri
 
 
@@ -99,3 +94,14 @@ def test_mlflow_models_serve_answers_a_real_request(logged):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_logging_a_bundle_leaves_the_callers_store_as_it_was(logged, tmp_path, monkeypatch):
+    """The store is set for the call only: MLflow exports it to the environment, and child processes read that."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    model_uri, run_dir, uri = logged
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.get_experiment_by_name("serving").experiment_id).info.run_id
+    log_bundle(run_dir / "model", "again", run_id, uri=uri)
+    assert "MLFLOW_TRACKING_URI" not in os.environ

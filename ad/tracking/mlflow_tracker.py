@@ -295,13 +295,9 @@ class MLflowTracker(Tracker):
         """Log the run's model bundle as its MLflow model (a pyfunc from code: nothing pickled, see ``ad.serving``)."""
         if not self.save_model:
             return
-        import mlflow
-
         from ad.serving import log_bundle
 
-        run_id = self._require_run()
-        mlflow.set_tracking_uri(self._uri)  # Model.log writes to MLflow's current store
-        log_bundle(Path(bundle), name or self.model_name, run_id)
+        log_bundle(Path(bundle), name or self.model_name, self._require_run(), uri=self._uri)
 
     # -- helpers -------------------------------------------------------------------------------
 
