@@ -12,7 +12,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.special import betaincinv  # scipy.stats would add a second to every command's start-up
 
 from ad.errors import ADError
 
@@ -84,6 +83,8 @@ def from_f1(scores: np.ndarray, labels: np.ndarray) -> Threshold:
 
 def false_reject_rate_bound(n: int, k: int) -> float:
     """95% upper bound on the false-reject rate of a threshold just above the k-th smallest of n good scores."""
+    from scipy.special import betaincinv  # not scipy.stats, a second of start-up
+
     return float(betaincinv(n + 1 - k, k, CONFIDENCE))  # the Beta(n + 1 - k, k) quantile
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ad.errors import ConfigError, did_you_mean
+from ad.thresholds import METHODS as THRESHOLD_METHODS
 
 #: The words each expected type is called by in messages.
 TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a text value",
@@ -75,7 +76,7 @@ SCHEMA: dict[str, Rule] = {
     "tracking.num_images": at_least(int, 0),
     # tracking.log_model (true, false or auto) is checked by the MLflow tracker as it is built
     "dataset.val_ratio": Rule(float, low=0, high=1, open_high=True),
-    "threshold.method": Rule(str, choices=("false_reject_rate", "f1", "manual", "none")),
+    "threshold.method": Rule(str, choices=THRESHOLD_METHODS),
     "threshold.false_reject_rate": Rule(float, low=0, high=1, open_low=True, open_high=True),
     "threshold.pixel_false_reject_rate": Rule(float, low=0, high=1, open_low=True, open_high=True, nullable=True),
     "threshold.value": Rule(float, nullable=True),

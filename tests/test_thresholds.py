@@ -128,3 +128,16 @@ def test_threshold_settings_are_checked_before_anything_runs(override, message):
     with pytest.raises(ConfigError, match=message):
         check_config(compose_config(override), "padim")
     check_config(compose_config("dataset.val_ratio=0", "threshold.method=none"), "padim")
+
+
+def test_a_folder_lists_its_defective_validation_images_for_f1(tmp_path):
+    from ad.data import Folder, make_mvtec_layout
+
+    make_mvtec_layout(tmp_path, "widget", n_train=10, n_test_good=2, n_test_defect=5, image_size=32, seed=0)
+    test_dir = tmp_path / "widget" / "test"
+    defect_dir = next(p for p in test_dir.iterdir() if p.name != "good")
+    dataset = Folder(normal_dir=str(tmp_path / "widget" / "train" / "good"), val_ratio=0.2,
+                     abnormal_val_dir=str(defect_dir), image_size=32)
+    labels = sorted(sample.label for sample in dataset.val)
+    assert labels.count(1) == len(list(defect_dir.iterdir())) and labels.count(0) == 2
+    assert not {s.image for s in dataset.val} & {s.image for s in dataset.train}
