@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from helpers import compose_config
 
-import ad.models.patchcore as patchcore
 import ad.ops.coreset as coreset
 import ad.ops.knn as knn
 from ad.backbone import BackboneSpec
@@ -82,9 +81,8 @@ def test_a_coreset_ratio_sweep_reuses_the_cached_greedy_order(tmp_path, monkeypa
     reference = Patchcore(backbone=RESNET18, seed=1)
     cache = DiskCache(tmp_path / "cache", max_gb=1)
     calls = []
-    greedy = patchcore.k_center_greedy
-    for module in (patchcore, coreset):  # without a cache, and behind it
-        monkeypatch.setattr(module, "k_center_greedy", lambda *a, **k: calls.append(a[1]) or greedy(*a, **k))
+    greedy = coreset.k_center_greedy
+    monkeypatch.setattr(coreset, "k_center_greedy", lambda *a, **k: calls.append(a[1]) or greedy(*a, **k))
     large = fitted_bank(0.2, cache)
     small = fitted_bank(0.1, cache)  # a prefix of the cached order: no greedy run
     assert len(calls) == 1

@@ -14,18 +14,18 @@ the maps agree with anomalib's to 1e-6 (``benchmarks/parity_frozen.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from ad.backbone import BackboneSpec, FeatureExtractor, pixel_digests
-from ad.cache import DiskCache, digest
+from ad.cache import DiskCache
 from ad.errors import ADError
 from ad.models.base import AnomalyModel, Prediction
 from ad.ops.cached import cached_per_item
-from ad.ops.coreset import cached_k_center, jl_dim, k_center_greedy, memory_bank_bytes, project_rows, take_rows
-from ad.ops.knn import INDEX_KINDS, MemoryGuard, NearestNeighbours, torch_nearest
+from ad.ops.coreset import memory_bank_bytes, seeded_coreset, take_rows
+from ad.ops.knn import INDEX_KINDS, BankSearch, MemoryGuard, NearestNeighbours, torch_nearest
 from ad.postprocess import MapSmoother
 
 #: Names how patches are embedded and searched in the nearest-neighbour cache keys: change it with either.
@@ -63,10 +63,10 @@ class Patchcore(AnomalyModel):
             raise ADError(f"model.index: '{index}' is not one of {', '.join(INDEX_KINDS)}")
         self.extractor = FeatureExtractor.from_spec(backbone, list(layers))
         self.coreset_ratio, self.num_neighbors = float(coreset_ratio), int(num_neighbors)
-        self.projection_dim, self.index_kind, self.seed = projection_dim, index, seed
+        self.projection_dim, self.seed = projection_dim, seed
         self.register_buffer("memory_bank", torch.empty(0, 0))
+        self.bank_search = BankSearch(index)
         self.smoother = MapSmoother(sigma=blur_sigma)
-        self._derived = {}  # the search and the bank's hash, rebuilt from the bank on first use (never pickled)
         self._cache: DiskCache | None = None  # set by use_cache (never pickled)
 
     def use_cache(self, cache: DiskCache | None) -> None:
@@ -94,20 +94,14 @@ class Patchcore(AnomalyModel):
     @torch.no_grad()
     def fit(self, batches: Iterable[dict], device: torch.device) -> None:
         """Collect every training patch, then keep a greedy k-center coreset of them as the memory bank."""
-        chunks = []
-        memory = MemoryGuard(device, lambda n, dim: memory_bank_bytes(n, dim, self.coreset_ratio, self.projection_dim),
-                             batches)
-        for batch in batches:
-            x = self.patches(batch["image"].to(device))
-            chunks.append(x.reshape(-1, x.shape[-1]))
-            try:  # from the first batch: does the whole bank fit before it is collected?
-                memory.check(len(chunks[-1]), sum(map(len, chunks)), x.shape[-1])
-            except MemoryError as exc:
-                raise ADError(
-                    f"dataset.image_size: PatchCore's memory bank of {x.shape[1]} patches x {x.shape[2]} features "
-                    f"per image {exc}; train on fewer images, lower dataset.image_size, or use fewer model.layers "
-                    "(model.coreset_ratio only shrinks the bank kept after selection)"
-                ) from None
+        guard = MemoryGuard(device, lambda n, dim: memory_bank_bytes(n, dim, self.coreset_ratio, self.projection_dim),
+                            batches)
+        try:  # from the first batch: does the whole bank fit before it is collected?
+            chunks = guard.collect(batches, lambda batch: self.patches(batch["image"].to(device)).flatten(0, 1))
+        except MemoryError as exc:
+            raise ADError(f"dataset.image_size: PatchCore's memory bank {exc}; train on fewer images, lower "
+                          "dataset.image_size, or use fewer model.layers (model.coreset_ratio only shrinks the "
+                          "bank kept after selection)") from None
         if not chunks:
             raise ADError("dataset: PatchCore got no training images")
         n = sum(map(len, chunks))
@@ -117,26 +111,13 @@ class Patchcore(AnomalyModel):
         if self.num_neighbors > size:
             raise ADError(f"model.num_neighbors: {self.num_neighbors} is more than the {size} patches in the memory "
                           "bank; lower it or raise model.coreset_ratio")
-        self.memory_bank = torch.cat(chunks) if size == n else take_rows(chunks, self.coreset(chunks, size))
-
-    def coreset(self, chunks: list[torch.Tensor], size: int) -> torch.Tensor:
-        """Indices of the greedy k-center coreset, chosen on a seeded sparse random projection.
-
-        With a cache, a sweep over coreset_ratio reuses the longest order found for the same
-        projected bank (``cached_k_center``: any smaller coreset is its prefix).
-        """
-        generator = torch.Generator().manual_seed(self.seed)
-        n = sum(map(len, chunks))
-        reduced = project_rows(chunks, self.projection_dim or jl_dim(n), generator)
-        start = int(torch.randint(n, (1,), generator=generator))
-        if self._cache is None:
-            return k_center_greedy(reduced, size, start)
-        return cached_k_center(reduced, size, start, self._cache)
+        chosen = None if size == n else seeded_coreset(chunks, size, self.projection_dim, self.seed, self._cache)
+        self.memory_bank = torch.cat(chunks) if chosen is None else take_rows(chunks, chosen)
 
     @property
     def search(self) -> NearestNeighbours:
-        """The nearest-neighbour search over the memory bank, rebuilt whenever the bank changed."""
-        return self._from_bank("search", lambda bank: NearestNeighbours(bank, self.index_kind))
+        """The nearest-neighbour search over the memory bank."""
+        return self.bank_search.search(self.memory_bank)
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Euclidean distance to, and index of, each query's nearest memory bank entry."""
@@ -147,24 +128,15 @@ class Patchcore(AnomalyModel):
         searched this image before: a rerun, or a sweep over ``num_neighbors`` or ``blur_sigma``, skips
         the search (a new ``coreset_ratio`` makes a new bank, hence new keys)."""
         if self._cache is None:
-            return self.nearest(patches.reshape(-1, patches.shape[-1]))
-        bank_digest = self._from_bank("digest", lambda bank: digest("bank", bank.detach().cpu().contiguous().numpy()))
-        keys = pixel_digests(images, NEAREST_CACHE_TAG, bank_digest, self.index_kind, self.extractor.identity())
+            return self.nearest(patches.flatten(0, 1))
+        keys = pixel_digests(images, NEAREST_CACHE_TAG, self.bank_search.digest(self.memory_bank),
+                             self.bank_search.kind, self.extractor.identity())
 
         def search(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return tuple(t.view(len(rows), -1) for t in self.nearest(rows.reshape(-1, rows.shape[-1])))
+            return tuple(t.view(len(rows), -1) for t in self.nearest(rows.flatten(0, 1)))
 
         distances, index = cached_per_item(self._cache, "nearest", keys, patches, search)
         return distances.reshape(-1), index.reshape(-1)
-
-    def _from_bank(self, slot: str, build: Callable[[torch.Tensor], object]):
-        """``build(memory_bank)``, kept under ``slot`` until the bank (or the index kind) changes."""
-        bank = self.memory_bank
-        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape), self.index_kind)
-        held = self._derived.get(slot)
-        if held is None or held[0] != key:
-            held = self._derived[slot] = (key, build(bank))
-        return held[1]
 
     def image_scores(self, patches: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """Paper eq. 7 as anomalib computes it: s* times 1 - softmax(distances to m*'s neighbourhood)[0].
@@ -193,5 +165,5 @@ class Patchcore(AnomalyModel):
         return Prediction(scores=self.image_scores(patches, distances, nearest), maps=maps)
 
     def __getstate__(self) -> dict:
-        """Pickle without the cache and the search structures (faiss's is not picklable; rebuilt from the bank)."""
-        return {**super().__getstate__(), "_derived": {}, "_cache": None}
+        """Pickle without the cache."""
+        return {**super().__getstate__(), "_cache": None}

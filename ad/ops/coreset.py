@@ -174,6 +174,28 @@ def cached_k_center(features: torch.Tensor, k: int, start: int, cache: DiskCache
                                     lambda key, order: cache.save("coreset", key, order))
     return order[:k].to(features.device)
 
+
+def seeded_coreset(chunks: list[torch.Tensor], k: int, projection_dim: int | None, seed: int,
+                   cache: DiskCache | None = None) -> torch.Tensor:
+    """Indices of the greedy k-center coreset of the rows of ``chunks``, picked on a seeded sparse projection.
+
+    Args:
+        chunks: (N_i, D) blocks of rows, concatenated in order.
+        k: coreset size.
+        projection_dim: projected width; None sizes it by Johnson-Lindenstrauss, as anomalib does.
+        seed: draws the projection, then the first centre.
+        cache: reuses the longest order found for the same projected rows (``cached_k_center``).
+
+    Returns:
+        (k,) long indices into the N = ΣN_i rows.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n = sum(map(len, chunks))
+    reduced = project_rows(chunks, projection_dim or jl_dim(n), generator)
+    start = int(torch.randint(n, (1,), generator=generator))
+    return k_center_greedy(reduced, k, start) if cache is None else cached_k_center(reduced, k, start, cache)
+
+
 def project_rows(chunks: list[torch.Tensor], out_dim: int, generator: torch.Generator) -> torch.Tensor:
     """Rows projected by a seeded sparse random matrix when that shrinks them, then centred.
 

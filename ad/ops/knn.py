@@ -14,6 +14,8 @@ import faiss
 import torch
 import torch.nn.functional as F
 
+from ad.cache import digest
+
 #: faiss index kinds: exact search, or graph/inverted-list approximations for large banks.
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 HNSW_LINKS, HNSW_EF_SEARCH = 32, 64
@@ -83,6 +85,14 @@ class MemoryGuard:
             self.budget = None if free is None else int(self.fraction * free)
             self._check(batch_rows * self.batches if self.batches else rows, dim)
         self._check(rows, dim)
+
+    def collect(self, batches: Iterable, rows: Callable[[object], torch.Tensor]) -> list[torch.Tensor]:
+        """``rows(batch)``, an (n, dim) block, for every batch, checking the bank after each."""
+        chunks = []
+        for batch in batches:
+            chunks.append(rows(batch))
+            self.check(len(chunks[-1]), sum(map(len, chunks)), chunks[-1].shape[-1])
+        return chunks
 
     def _check(self, rows: int, dim: int) -> None:
         if self.budget is not None and (need := self.need(rows, dim)) > self.budget:
@@ -301,3 +311,37 @@ class NearestNeighbours:
                 bank = bank.cpu()
             self._index = faiss_index(bank, self.kind)
         return self._index[0]
+
+
+class BankSearch:
+    """``NearestNeighbours`` over a model's memory bank, and the bank's digest, rebuilt whenever the bank changes.
+
+    The bank is a buffer that ``fit`` or a checkpoint replaces, so what is built from it is keyed on
+    its storage, in-place version and shape. Pickles empty: faiss indexes cannot be pickled, and
+    both are rebuilt from the bank on first use.
+
+    Args:
+        kind: one of ``INDEX_KINDS``.
+    """
+
+    def __init__(self, kind: str = "flat") -> None:
+        self.kind = kind
+        self._built: dict[str, tuple[tuple, object]] = {}
+
+    def search(self, bank: torch.Tensor) -> NearestNeighbours:
+        """The search over ``bank``."""
+        return self._from(bank, "search", lambda: NearestNeighbours(bank, self.kind))
+
+    def digest(self, bank: torch.Tensor) -> str:
+        """A content hash of ``bank``, for cache keys of searches over it."""
+        return self._from(bank, "digest", lambda: digest("bank", bank.detach().cpu().contiguous().numpy()))
+
+    def _from(self, bank: torch.Tensor, slot: str, build: Callable[[], object]):
+        key = (bank.device, bank.data_ptr(), bank._version, tuple(bank.shape))
+        built = self._built.get(slot)
+        if built is None or built[0] != key:
+            built = self._built[slot] = (key, build())
+        return built[1]
+
+    def __getstate__(self) -> dict:
+        return {"kind": self.kind, "_built": {}}
