@@ -7,7 +7,6 @@ import pytest
 import torch
 from scipy import ndimage
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
-from torchmetrics.functional.classification import binary_auroc
 
 from ad.errors import ADError
 from ad.metrics import compute_metrics, image_auroc, image_f1_max, pixel_aupro, pixel_auroc
@@ -81,9 +80,9 @@ def test_image_auroc_matches_sklearn(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_image_auroc_raw_scores_with_tiny_differences_have_no_ties(dtype):
+def test_image_metrics_raw_scores_with_tiny_differences_have_no_ties(dtype):
     # 280 scores around 5000, one float32 ulp (~5e-4) or 1e-9 apart, plus outliers stretching the range to
-    # 100..10000. Sigmoid would make every score 1.0; float32 min-max scaling would merge the neighbours.
+    # 100..10000: a sigmoid would make every score 1.0, float32 min-max scaling would merge the neighbours.
     g = torch.Generator().manual_seed(0)
     k = torch.randperm(280, generator=g)
     if dtype == torch.float32:
@@ -97,12 +96,13 @@ def test_image_auroc_raw_scores_with_tiny_differences_have_no_ties(dtype):
     expected = roc_auc_score(labels.numpy(), scores.double().numpy())
     assert 0.7 < expected < 0.95
     assert image_auroc(scores, labels) == pytest.approx(expected, abs=1e-6)
-    # The traps this guards against: torchmetrics on raw scores saturates them all into one tie ...
-    assert float(binary_auroc(scores, labels)) == pytest.approx(0.5)
-    # ... and scaling float64 scores to [0, 1] in float32 would merge the 1e-9 neighbours into ties.
+    f1, threshold = image_f1_max(scores, labels)
+    precision, recall, _ = precision_recall_curve(labels.numpy(), scores.double().numpy())
+    assert f1 == pytest.approx(np.nanmax(2 * precision * recall / (precision + recall)), abs=1e-12)
+    assert threshold in scores.tolist()
+    # The trap this guards against: computed in float32, the 1e-9 neighbours would merge into ties.
     if dtype == torch.float64:
-        scaled32 = ((scores - scores.min()) / (scores.max() - scores.min())).float()
-        assert len(torch.unique(scaled32)) < len(scores)
+        assert len(torch.unique(scores.float())) < len(scores)
 
 
 def test_image_auroc_edge_cases():
@@ -114,6 +114,24 @@ def test_image_auroc_edge_cases():
     assert image_auroc(tied, labels) == pytest.approx(roc_auc_score(labels, tied))
     assert image_auroc(-tied * 1e6, labels) == pytest.approx(roc_auc_score(labels, -tied))
     assert image_auroc(tied.numpy(), labels.bool().numpy()) == pytest.approx(roc_auc_score(labels, tied))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("levels", [3, 12])
+def test_image_auroc_with_ties_matches_sklearn(seed, levels):
+    scores, labels = _image_data(seed)
+    scores = torch.round((scores - scores.min()) / (scores.max() - scores.min()) * levels) * 1e3  # many ties
+    assert image_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_image_metrics_take_half_precision_scores(dtype):
+    scores, labels = _image_data(0)
+    low = (scores / 100).to(dtype)  # rounded: ties, compared exactly after conversion to float64
+    expected = low.double().numpy()
+    assert image_auroc(low, labels) == pytest.approx(roc_auc_score(labels, expected), abs=1e-12)
+    precision, recall, _ = precision_recall_curve(labels, expected)
+    assert image_f1_max(low, labels)[0] == pytest.approx(np.nanmax(2 * precision * recall / (precision + recall)))
 
 
 @pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1, 1]])
@@ -144,6 +162,21 @@ def test_image_f1_max_matches_sklearn(seed):
     assert f1 == pytest.approx(expected, abs=1e-6)
     assert threshold in scores.tolist()  # a raw score, not a [0, 1] value
     assert f1_score(labels, (scores >= threshold).long()) == pytest.approx(f1, abs=1e-6)
+
+
+def test_image_f1_max_constant_scores():
+    # One threshold only: every image flagged, F1 = 2 * 2 / (5 + 2); no higher threshold exists.
+    scores, labels = torch.full((5,), 7e3), torch.tensor([0, 0, 1, 0, 1])
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    expected = np.nanmax(2 * precision * recall / (precision + recall))
+    assert expected == pytest.approx(4 / 7)
+    assert image_f1_max(scores, labels) == (pytest.approx(expected, abs=1e-12), 7e3)
+
+
+def test_image_f1_max_takes_the_lowest_of_equally_good_thresholds():
+    # t = 2 flags {2, 3} (tp 1, fp 1: F1 1/2), t = 3 flags {3} (tp 1: F1 2/3), t = 1 flags all (tp 2, fp 2: 2/3).
+    scores, labels = torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([1, 0, 0, 1])
+    assert image_f1_max(scores, labels) == (pytest.approx(2 / 3), 1.0)
 
 
 def test_image_f1_max_perfect_separation():
