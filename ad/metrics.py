@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ad.curves import flagged_counts
 from ad.errors import ADError
 from ad.threads import map_on_cores
 
@@ -67,12 +68,8 @@ def image_f1_max(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, flo
     equally good thresholds the lowest wins. This is the F1-optimal threshold on the evaluated split,
     i.e. what anomalib's adaptive threshold reports.
     """
-    scores, labels = _image_inputs(scores, labels)
-    thresholds = np.unique(scores)  # ascending
-    good, anomalous = np.sort(scores[~labels]), np.sort(scores[labels])
-    tp = len(anomalous) - np.searchsorted(anomalous, thresholds, "left")  # anomalous images scoring >= t
-    fp = len(good) - np.searchsorted(good, thresholds, "left")
-    f1 = 2 * tp / (tp + fp + len(anomalous))  # 2PR / (P + R) from exact counts; 0 where tp = 0
+    thresholds, tp, fp = flagged_counts(*_image_inputs(scores, labels))  # thresholds ascending
+    f1 = 2 * tp / (tp + fp + tp[0])  # 2PR / (P + R) from exact counts (tp[0]: all defective); 0 where tp = 0
     best = int(np.argmax(f1))  # first maximum = lowest threshold
     return float(f1[best]), float(thresholds[best])
 

@@ -1,13 +1,16 @@
-"""Tests for ad.metrics against scikit-learn and a brute-force MVTec-AD-style AUPRO reference."""
+"""Tests for ad.metrics and ad.curves against scikit-learn and a brute-force MVTec-AD-style AUPRO reference."""
 
+import subprocess
+import sys
 from bisect import bisect
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from ad import curves
 from ad.errors import ADError
 from ad.metrics import compute_metrics, image_auroc, image_f1_max, pixel_aupro, pixel_auroc
 
@@ -305,3 +308,28 @@ def test_compute_metrics_keys():
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["pixel_AUROC"] == pixel_auroc(maps, masks)
     assert metrics["pixel_AUPRO"] == pixel_aupro(maps, masks)
+
+
+# ----------------------------------------------------------------------------- curves (NumPy only, for the report)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("levels", [None, 6])
+def test_curves_match_sklearn(seed, levels):
+    scores, labels = _image_data(seed, n=60)
+    if levels is not None:  # ties, one of them across the classes
+        scores = torch.round((scores - scores.min()) / (scores.max() - scores.min()) * levels)
+    scores, labels = scores.double().numpy(), labels.numpy()
+    fpr, tpr = curves.roc_curve(scores, labels)
+    sk_fpr, sk_tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+    precision, recall = curves.precision_recall_curve(scores, labels)
+    sk_precision, sk_recall, _ = precision_recall_curve(labels, scores)  # lowest threshold first, then the (1, 0) end
+    np.testing.assert_allclose(precision, sk_precision[::-1], atol=1e-12)
+    np.testing.assert_allclose(recall, sk_recall[::-1], atol=1e-12)
+
+
+def test_curves_need_no_torch():
+    code = "import sys, ad.curves, ad.report.plots; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,6 +13,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from ad.curves import precision_recall_curve, roc_curve
 from ad.report.artifacts import Predictions
 from ad.report.tables import COLUMNS, Table
 
@@ -64,16 +65,14 @@ def sweep_figure(table: Table) -> str | None:
 def run_figure(pred: Predictions, threshold: float | None, name: str = "threshold") -> str:
     """Image-level ROC and precision-recall curves with the operating point (``name``d in the legends), and the
     scores of good vs defective images with the threshold."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     with matplotlib.rc_context(STYLE):
         figure, (roc, pr, hist) = new_figure(9.6, 2.6, 3)
         both = 0 < pred.target.sum() < len(pred.target)
         flagged = pred.flagged(threshold)
         if both:
-            fpr, tpr, _ = roc_curve(pred.target, pred.score)
+            fpr, tpr = roc_curve(pred.score, pred.target)
             roc.plot(fpr, tpr, color=DEFECT, lw=1.5)
-            precision, recall, _ = precision_recall_curve(pred.target, pred.score)
+            precision, recall = precision_recall_curve(pred.score, pred.target)
             pr.plot(recall, precision, color=DEFECT, lw=1.5)
             roc.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8, ls="--")
             if flagged is not None:
