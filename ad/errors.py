@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import errno
+import functools
 import os
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 #: What a write fails with on a full disk, or a full quota.
@@ -78,3 +80,24 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a command's ``main``: an ADError becomes ``error: <line>`` on stderr and its exit status, Ctrl-C exit 130.
+
+    The status is the error's ``exit_status`` attribute when it has one (a command's own refusals), else 2
+    (bad input); the commands stage their outputs, so an interrupted one has written nothing.
+    """
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ADError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return int(getattr(exc, "exit_status", 2))
+        except KeyboardInterrupt:
+            print("interrupted; nothing written", file=sys.stderr)
+            return 130
+
+    return wrapped

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ad.errors import ADError, one_line
+from ad.errors import ADError, one_line, one_line_errors
 
 log = logging.getLogger("ad.predict")
 
@@ -290,6 +290,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     args = parse_args(argv)
@@ -299,15 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         from ad.runtime.threads import set_threads
 
         set_threads(args.threads)
-    try:
-        out, summary = predict(args.bundle, args.inputs, args.out, args.threshold, args.save_maps,
-                               args.device, args.batch_size)
-    except ADError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
+    out, summary = predict(args.bundle, args.inputs, args.out, args.threshold, args.save_maps,
+                           args.device, args.batch_size)
     for error in summary["errors"]:
         print(f"error: {error}", file=sys.stderr)
     flagged = ("no threshold: scores only" if summary["flagged"] is None

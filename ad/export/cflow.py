@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ad.export.scorers import FittedForward
 from ad.models.cflow import Cflow, positional_encoding_2d
 
 
-class CflowScorer(nn.Module):
+class CflowScorer(FittedForward):
     """(B, 3, S, S) images -> CFlow's (scores, maps)."""
 
     def __init__(self, model: Cflow) -> None:
-        super().__init__()
-        if torch.isnan(model.train_max_log_p).any():
-            raise RuntimeError("CflowScorer: the model has no training likelihoods (not trained)")
-        self.model = model
+        super().__init__(model, fitted=not torch.isnan(model.train_max_log_p).any())  # training likelihoods set
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model

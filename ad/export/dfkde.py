@@ -12,19 +12,16 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from ad.export.scorers import FittedForward
 from ad.models.dfkde import Dfkde, anomaly_probability
 
 
-class DfkdeScorer(nn.Module):
+class DfkdeScorer(FittedForward):
     """(B, 3, S, S) images -> DFKDE's (scores, None), in float32."""
 
     def __init__(self, model: Dfkde) -> None:
-        super().__init__()
-        if model.points.numel() == 0:
-            raise RuntimeError("DfkdeScorer: the model is not fitted")
-        self.model = model
+        super().__init__(model, fitted=model.points.numel() > 0)
         for name in ("mean", "components", "max_length", "whiten", "points", "log_norm"):
             self.register_buffer(name, getattr(model, name).float(), persistent=False)
 

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ad.export.scorers import FittedForward
 from ad.models.padim import Padim
 from ad.ops.gaussian import BlockGaussians, block_mahalanobis
 from ad.postprocess import max_score
 
 
-class PadimScorer(nn.Module):
+class PadimScorer(FittedForward):
     """(B, 3, S, S) images -> PaDiM's (scores, maps), the Gaussians embedded as the model's buffers."""
 
     def __init__(self, model: Padim) -> None:
-        super().__init__()
-        if model.mean.numel() == 0:
-            raise RuntimeError("PadimScorer: the model is not fitted")
-        self.model = model
+        super().__init__(model, fitted=model.mean.numel() > 0)
         bounds = torch.tensor([0, *model.extractor.channels]).cumsum(0).tolist()
         for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             kept = model.channel_idx[(model.channel_idx >= start) & (model.channel_idx < stop)] - start

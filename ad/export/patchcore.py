@@ -10,8 +10,8 @@ of working memory.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ad.export.scorers import FittedForward
 from ad.models.patchcore import Patchcore, as_patches
 
 
@@ -20,14 +20,11 @@ def bank_bytes(model: Patchcore) -> int:
     return model.memory_bank.numel() * model.memory_bank.element_size()
 
 
-class PatchcoreScorer(nn.Module):
+class PatchcoreScorer(FittedForward):
     """(B, 3, S, S) images -> PatchCore's (scores, maps), nearest neighbours found by matmul + top-k."""
 
     def __init__(self, model: Patchcore) -> None:
-        super().__init__()
-        if model.memory_bank.numel() == 0:
-            raise RuntimeError("PatchcoreScorer: the model is not fitted")
-        self.model = model
+        super().__init__(model, fitted=model.memory_bank.numel() > 0)
         self.register_buffer("bank_sq", model.memory_bank.square().sum(1), persistent=False)
 
     def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

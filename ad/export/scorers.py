@@ -14,6 +14,16 @@ from torch import nn
 from ad.backbone import FeatureExtractor
 
 
+class FittedForward(nn.Module):
+    """Base of the export forwards: keeps the fitted model, refuses an unfitted one (its graph would be empty)."""
+
+    def __init__(self, model: nn.Module, fitted: bool) -> None:
+        super().__init__()
+        if not fitted:
+            raise RuntimeError(f"{type(self).__name__}: the model is not fitted")
+        self.model = model
+
+
 class ModelForward(nn.Module):
     """A model's own ``forward``, its ``Prediction`` unpacked into the (scores, maps) a graph returns."""
 
