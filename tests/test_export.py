@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +207,112 @@ def test_the_command_writes_beside_the_run_and_says_so(fitted, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"dfkde -> {run_dir / 'export' / 'dfkde.onnx'}") and "matches torch fp32" in line
     assert load_exported(run_dir / "export" / "dfkde.onnx").produces_maps is False
+
+
+@pytest.mark.parametrize("method", OWN_FORWARD)
+def test_an_export_forward_refuses_an_unfitted_model(method, fitted):
+    from ad.bundle import build_model, read_meta
+
+    fresh = build_model(read_meta(fitted(method) / "model"))
+    with pytest.raises(RuntimeError, match="the model is not fitted"):
+        scorer_for(fresh)
+
+
+# int8 (OpenVINO, NNCF): the backbone quantised, calibrated on training images, refused when it costs AUROC
+
+
+@pytest.fixture
+def padim_run(fitted, tmp_path) -> Path:
+    """A copy of the tiny PaDiM run with the config ad.launch saves beside it (where int8 finds the training images)."""
+    from helpers import FIT_TINY, QUICK, compose_config
+    from omegaconf import OmegaConf
+
+    pytest.importorskip("nncf", reason="int8 needs nncf: pip install -e '.[export]'")
+    run_dir = tmp_path / "run"
+    shutil.copytree(fitted("padim"), run_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(compose_config(*FIT_TINY, "model=padim", *QUICK["padim"]), run_dir / ".hydra" / "config.yaml")
+    return run_dir
+
+
+def quantised_ops(xml: Path) -> tuple[set[str], set[str]]:
+    """Names of the convolutions and matrix products of an IR that take an int8 (FakeQuantize) input, and the rest."""
+    import openvino as ov
+
+    quantised, plain = set(), set()
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        if op.get_type_name() in ("Convolution", "MatMul"):
+            fed = {value.get_node().get_type_name() for value in op.input_values()}
+            (quantised if "FakeQuantize" in fed else plain).add(op.get_friendly_name())
+    return quantised, plain
+
+
+def test_int8_quantises_the_backbone_only_and_reports_the_drop(padim_run, capsys):
+    assert export_main([str(padim_run), "--format", "openvino", "--int8"]) == 0
+    line = capsys.readouterr().out.strip()
+    out = padim_run / "export" / "padim-int8.xml"
+    assert line.startswith(f"padim -> {out}") and "int8 backbone (8 calibration images)" in line
+    assert re.search(r"image AUROC \d\.\d{4} fp32 -> \d\.\d{4} int8 on 8 test images", line)
+    detector = load_exported(out)
+    assert detector.precision == "int8" and detector.metadata["calibration_images"] == "8"
+    drop = float(detector.metadata["image_auroc_fp32"]) - float(detector.metadata["image_auroc_int8"])
+    assert drop <= 0.01
+    quantised, plain = quantised_ops(out)
+    assert quantised and all("/extractor/" in name for name in quantised)
+    assert any("/smoother/" in name for name in plain) and any("MatMul" in name for name in plain)  # blur, Mahalanobis
+    predicted = padim_run / "predicted"
+    from ad.predict import main as predict_main
+
+    images = Path(read_predictions(padim_run / "predictions.csv")[0]["path"]).parent.parent
+    assert predict_main([str(out), str(images), "--out", str(predicted)]) == 0
+    rows = read_predictions(predicted / "predictions.csv")
+    assert len(rows) == 8 and all(np.isfinite(float(row["score"])) for row in rows)
+
+
+def test_int8_that_loses_auroc_is_refused_unless_forced(padim_run, monkeypatch, capsys):
+    from ad.export import int8
+
+    monkeypatch.setattr(int8, "MAX_DROP", -1.0)  # any int8 file loses "too much"
+    out = padim_run / "d.xml"
+    calibration = ["--calibration", str(padim_run / "calibration")]
+    shutil.copytree(Path(read_predictions(padim_run / "predictions.csv")[0]["path"]).parents[2] / "train" / "good",
+                    padim_run / "calibration")
+    assert export_main([str(padim_run), "--format", "openvino", "--int8", "--out", str(out), *calibration]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "image AUROC on the run's 8 test images" in err and "nothing written" in err
+    assert not out.exists() and not out.with_suffix(".bin").exists()
+    assert export_main([str(padim_run), "--format", "openvino", "--int8", "--out", str(out), *calibration,
+                        "--force"]) == 0
+    assert "written as --force asked" in capsys.readouterr().err and load_exported(out).precision == "int8"
+
+
+def test_int8_without_labelled_test_images_says_the_drop_is_not_measured(padim_run):
+    from ad.export.int8 import labelled_test_images
+
+    assert isinstance(labelled_test_images(padim_run / "model", 64), tuple)
+    (padim_run / "predictions.csv").write_text("path,score,label,target,defect\n" + "".join(
+        f"{row['path']},1,0,0,good\n" for row in read_predictions(padim_run / "predictions.csv")))
+    assert "lists only good test images" in labelled_test_images(padim_run / "model", 64)
+    (padim_run / "predictions.csv").unlink()
+    assert "has no predictions.csv" in labelled_test_images(padim_run / "model", 64)
+
+
+def test_int8_calibration_batches_fill_a_fixed_batch():
+    from ad.export.int8 import batches
+
+    images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    assert [b.shape for b in batches(images, None, "uint8")] == [(1, 2, 2, 3)] * 5
+    fixed = batches(images, 3, "float32")
+    np.testing.assert_allclose(np.stack(fixed)[:, :, 0, 0, 0], [[0, 1 / 255, 2 / 255], [3 / 255, 4 / 255, 0]])
+
+
+@pytest.mark.parametrize(("method", "args", "message"), [
+    ("padim", ["--format", "onnx", "--int8"], "--int8: built for --format openvino"),
+    ("ganomaly", ["--format", "openvino", "--int8"], "ganomaly has no pretrained backbone to quantise"),
+    ("padim", ["--format", "openvino", "--int8"], "cannot find the run's training images"),
+])
+def test_int8_requests_that_cannot_work_are_one_line(method, args, message, fitted, capsys):
+    assert export_main([str(fitted(method)), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+    assert not (fitted(method) / "export").exists()

@@ -15,6 +15,7 @@ import numpy as np
 
 from ad.errors import ADError
 from ad.export import FORMATS
+from ad.export.int8 import Quantised
 from ad.export.metadata import INPUT_KINDS
 from ad.export.runtime import require
 
@@ -34,19 +35,25 @@ class Exported:
     path: Path
     method: str
     outputs: list[str]
-    score_error: float | None  # max |exported - torch| / max |torch score|
+    score_error: float | None  # max |exported - torch| / max |torch score| (of the fp32 graph)
     map_error: float | None  # max |exported - torch| / torch map range
+    backbones: tuple[str, ...] = ()  # the graph scopes of the model's pretrained backbones
+    quantised: Quantised | None = None  # int8: calibration and the AUROC it cost
 
 
-def default_out(bundle_folder: Path, method: str, fmt: str) -> Path:
-    """``<run folder>/export/<method>.onnx`` (or ``.xml``) beside the run's ``model/`` folder."""
-    return bundle_folder.parent / "export" / f"{method}{SUFFIXES[fmt]}"
+def default_out(bundle_folder: Path, method: str, fmt: str, tag: str = "") -> Path:
+    """``<run folder>/export/<method><tag>.onnx`` (or ``.xml``) beside the run's ``model/`` folder."""
+    return bundle_folder.parent / "export" / f"{method}{tag}{SUFFIXES[fmt]}"
 
 
-def check_request(fmt: str, out: Path | None, batch: int | None, input_kind: str) -> None:
+def check_request(fmt: str, out: Path | None, batch: int | None, input_kind: str, int8: bool = False) -> None:
     """Refuse a bad format, output name, batch or input kind, and a missing package, before any work."""
     if fmt not in FORMATS:
         raise ADError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
+    if int8 and fmt != "openvino":
+        raise ADError(f"--int8: built for --format openvino (NNCF's quantiser), not {fmt}")
+    if int8:
+        require("nncf", "--int8")
     if out is not None and out.suffix != SUFFIXES[fmt]:
         raise ADError(f"--out: {out.name} must end in {SUFFIXES[fmt]} for the {fmt} format")
     if batch is not None and batch < 1:
@@ -58,23 +65,41 @@ def check_request(fmt: str, out: Path | None, batch: int | None, input_kind: str
 
 
 def export_bundle(bundle_ref: str | Path, fmt: str, out: str | Path | None = None, batch: int | None = None,
-                  input_kind: str = "uint8", verify: bool = True) -> Exported:
-    """Export a bundle (run folder or ``model/`` folder) as a detector file; ``batch`` None = any batch size."""
+                  input_kind: str = "uint8", verify: bool = True, int8: bool = False,
+                  calibration: str | Path | None = None, force: bool = False) -> Exported:
+    """Export a bundle (run folder or ``model/`` folder) as a detector file; ``batch`` None = any batch size.
+
+    ``int8`` (OpenVINO) quantises the backbone, calibrated on ``calibration`` (a folder of good images) or the
+    run's training images, and refuses the file (``ad.export.int8.AccuracyDrop``) when it loses more than
+    ``MAX_DROP`` image AUROC on the run's test images, unless ``force``.
+    """
     out = None if out is None else Path(out).expanduser()
-    check_request(fmt, out, batch, input_kind)
+    check_request(fmt, out, batch, input_kind, int8)
     from ad.bundle import find_bundle, read_meta
 
     folder = find_bundle(bundle_ref)
-    method = read_meta(folder)["method"]["name"]
+    meta = read_meta(folder)
+    method = meta["method"]["name"]
     if fmt not in SUPPORTED.get(method, ()):
         formats = ", ".join(SUPPORTED.get(method, ())) or "none"
         raise ADError(f"{folder}: {method} cannot be exported to {fmt} (supported for {method}: {formats})")
-    out = out or default_out(folder, method, fmt)
+    if int8:
+        from ad.export.int8 import calibration_paths, check_quantisable, quantise
+
+        check_quantisable(meta)
+        images = calibration_paths(folder, meta, None if calibration is None else Path(calibration).expanduser())
+    out = out or default_out(folder, method, fmt, "-int8" if int8 else "")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ADError(f"--out: cannot create {out.parent} ({exc.strerror or exc})") from None
-    return write_detector(folder, fmt, out, batch, input_kind, verify)
+    if not int8:
+        return write_detector(folder, fmt, out, batch, input_kind, verify)
+    with tempfile.TemporaryDirectory(prefix="ad-int8-") as scratch:
+        done = write_detector(folder, fmt, Path(scratch) / "fp32.xml", batch, input_kind, verify)
+        done.quantised = quantise(folder, meta, done.path, out, done.backbones, batch, input_kind, images, force)
+    done.path = out
+    return done
 
 
 def write_detector(folder: Path, fmt: str, out: Path, batch: int | None, input_kind: str, verify: bool) -> Exported:
@@ -109,7 +134,16 @@ def write_detector(folder: Path, fmt: str, out: Path, batch: int | None, input_k
             maps = "" if map_error is None else f", maps {map_error:.2g} of their range"
             raise ADError(f"{out.name}: the exported file's outputs differ from torch's (scores {score_error:.2g} "
                           f"relative{maps}; tolerance {SCORE_RTOL:g}); not written")
-    return Exported(out, bundle.meta["method"]["name"], detector.output_names, score_error, map_error)
+    return Exported(out, bundle.meta["method"]["name"], detector.output_names, score_error, map_error,
+                    backbone_scopes(detector))
+
+
+def backbone_scopes(detector) -> tuple[str, ...]:
+    """Attribute names of the detector's pretrained backbones: the torch exporter scopes their nodes ``/<name>/``."""
+    from ad.backbone import FeatureExtractor
+
+    return tuple(sorted({name.rsplit(".", 1)[-1] for name, module in detector.named_modules()
+                         if isinstance(module, FeatureExtractor)}))
 
 
 def check_images(size: int, count: int) -> np.ndarray:

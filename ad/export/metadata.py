@@ -37,6 +37,7 @@ def detector_metadata(meta: dict, input_kind: str, outputs: list[str], batch: in
         "thresholds": json.dumps(thresholds),
         "ad_version": __version__,
         "bundle_sha256": meta["tensors"]["sha256"],
+        "precision": "fp32",  # of the file's arithmetic; ad.export.int8 records int8
     }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ad.errors import ADError
 from ad.export.metadata import FORMAT, FORMAT_VERSION, optional_float
-from ad.export.openvino_writer import SECTION
+from ad.export.openvino_writer import read_metadata
 
 #: Which runtime package runs each file type, and the extra that installs it.
 RUNTIMES = {".onnx": "onnxruntime", ".xml": "openvino"}
@@ -50,6 +50,7 @@ class ExportedDetector:
         self.input_kind = metadata["input"]
         self.batch = None if metadata["batch"] == "dynamic" else int(metadata["batch"])
         self.outputs = metadata["outputs"].split(",")
+        self.precision = metadata.get("precision", "fp32")  # int8: its backbone was quantised (ad.export.int8)
         self.meta = {"method": {"name": self.method}, "thresholds": json.loads(metadata["thresholds"]),
                      "produces_maps": self.produces_maps, "preprocessing": {"image_size": self.image_size}}
         self.input_shape = input_shape
@@ -106,9 +107,7 @@ def open_openvino(path: Path, precision: str = "f32") -> ExportedDetector:
         model = core.read_model(str(path))
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses for damaged files
         raise ADError(f"{path}: OpenVINO cannot read it ({str(exc).splitlines()[0][:200]}); export it again") from None
-    metadata = {}
-    if model.has_rt_info([SECTION]):
-        metadata = {key: value.astype(str) for key, value in model.get_rt_info([SECTION]).astype(dict).items()}
+    metadata = read_metadata(model)
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()
     names = [output.get_any_name() for output in compiled.outputs]
