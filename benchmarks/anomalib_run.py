@@ -2,21 +2,30 @@
 
     /tmp/anomalib-venv/bin/python benchmarks/anomalib_run.py --model patchcore --root DIR --category bottle \
         --weights wide_resnet50_2.pth --out r.json
+    /tmp/anomalib-venv/bin/python benchmarks/anomalib_run.py --model padim --root 'data/seed{seed}' \
+        --category brick,grass --seed 0,1 --weights 'resnet18-{seed}.pth' --raw-only --out 'r-{category}-{seed}.json'
 
 Settings are anomalib's defaults except where noted. The model is built with its anomalib default
 backbone and layers (``MODELS`` below: padim resnet18 layer1-3, patchcore wide_resnet50_2 layer2+3,
-dfm resnet50 layer3, dfkde resnet18 layer4) and ``pre_trained=False`` (no download; ``--weights
-FILE`` then loads a local timm state dict of that backbone into it, strictly); default pre-processor
-(resize to ``--image-size``, ImageNet normalisation; PatchCore without centre crop, as anomalib's
-default), post-processor and visualizer (``--no-visualizer`` turns it off); default evaluator, plus
-anomalib's own ``AUPRO`` for models with anomaly maps (``--no-aupro`` leaves it out; the seconds it
-takes are reported as ``aupro_s`` so callers can leave them out of the timing); ``MVTecAD``
-datamodule with its default batch sizes (32), workers (8 unless ``--workers``) and
-``val_split_mode=same_as_test`` (so ``fit`` also runs a validation pass over the test images);
-``Engine(accelerator="cpu", devices=1)`` with its default callbacks and no logger. Writes import,
-fit and test seconds, the test metrics and the versions as JSON, and the raw test outputs (scores,
-labels, maps, masks as the model produced them, before anomalib's post-processor normalises and
-clamps them) to ``<out>.raw.pt``, so callers can compute metrics on raw scores as ``ad`` does.
+dfm resnet50 layer3, dfkde resnet18 layer4; ``--backbone`` swaps the backbone and keeps the layers)
+and ``pre_trained=False`` (no download; ``--weights FILE`` then loads a local timm state dict of
+that backbone into it, strictly); default pre-processor (resize to ``--image-size``, ImageNet
+normalisation; PatchCore without centre crop, as anomalib's default), post-processor and visualizer
+(``--no-visualizer`` turns it off); default evaluator, plus anomalib's own ``AUPRO`` for models with
+anomaly maps (``--no-aupro`` leaves it out; the seconds it takes are reported as ``aupro_s`` so
+callers can leave them out of the timing); ``MVTecAD`` datamodule with its default batch sizes (32),
+workers (8 unless ``--workers``) and ``val_split_mode=same_as_test`` (so ``fit`` also runs a
+validation pass over the test images); ``Engine(accelerator="cpu", devices=1)`` with its default
+callbacks and no logger; ``--seed S`` calls Lightning's ``seed_everything(S)`` before the model is
+built. Writes import, fit and test seconds, the test metrics and the versions as JSON, and the raw
+test outputs (scores, labels, maps, masks as the model produced them, before anomalib's
+post-processor normalises and clamps them) to ``<out>.raw.pt``, so callers can compute metrics on
+raw scores as ``ad`` does. ``--raw-only`` builds the model without post-processor, evaluator and
+visualizer (no metrics of anomalib's own then: only the raw outputs).
+
+``--category`` and ``--seed`` take comma-separated lists: one process then runs every (seed,
+category) in turn, paying anomalib's import once, with ``{seed}`` and ``{category}`` in ``--root``,
+``--weights`` and ``--out`` filled in for each.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from anomalib.data import MVTecAD  # noqa: E402
 from anomalib.engine import Engine  # noqa: E402
 from anomalib.metrics import AUPRO, Evaluator  # noqa: E402
 from anomalib.models import Dfkde, Dfm, Padim, Patchcore  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 IMPORT_S = time.perf_counter() - START
@@ -96,11 +106,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256, help="input side (anomalib default 256)")
     parser.add_argument("--batch-size", type=int, default=32, help="train and eval batch size (default 32)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (anomalib default 8)")
+    parser.add_argument("--backbone", help="timm backbone instead of the model's default (its layers kept)")
     parser.add_argument("--weights", help="local timm state dict of the model's backbone; default: random init")
+    parser.add_argument("--seed", help="seed_everything(SEED) before the model is built (default: none)")
+    parser.add_argument("--raw-only", action="store_true", help="no post-processor, evaluator or visualizer")
     parser.add_argument("--no-aupro", action="store_true", help="keep the default evaluator (no AUPRO)")
     parser.add_argument("--no-visualizer", action="store_true", help="do not write an image per test sample")
     parser.add_argument("--out", required=True, help="JSON file for the timings and metrics")
     return parser.parse_args()
+
+
+def expand_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One namespace per (seed, category) of comma-separated ``--seed``/``--category``, placeholders filled in."""
+    seeds = [int(s) for s in args.seed.split(",")] if args.seed is not None else [None]
+    runs = []
+    for seed in seeds:
+        for category in args.category.split(","):
+            fill = {"seed": seed, "category": category}
+            paths = {key: getattr(args, key).format(**fill) for key in ("root", "weights", "out") if getattr(args, key)}
+            runs.append(argparse.Namespace(**{**vars(args), **fill, **paths}))
+    return runs
 
 
 def load_backbone_weights(model: torch.nn.Module, path: str) -> None:
@@ -126,11 +151,23 @@ def versions() -> dict:
 
 
 def main() -> None:
-    args = parse_args()
+    for args in expand_runs(parse_args()):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Fit and test one model on one category; write the JSON and the raw outputs."""
+    TimedAUPRO.seconds = 0.0
     model_cls, backbone = MODELS[args.model]
+    if args.backbone:
+        backbone = {**backbone, "backbone": args.backbone}
+    if args.seed is not None:
+        seed_everything(args.seed)  # PaDiM's channel draw, PatchCore's projection and coreset start
     size = (args.image_size, args.image_size)
     extra = {"visualizer": False} if args.no_visualizer else {}
-    aupro = args.model in WITH_MAPS and not args.no_aupro
+    if args.raw_only:
+        extra = {"post_processor": False, "evaluator": False, "visualizer": False}
+    aupro = args.model in WITH_MAPS and not args.no_aupro and not args.raw_only
     if aupro:
         extra["evaluator"] = evaluator_with_aupro(model_cls)
     model = model_cls(**backbone, pre_trained=False, pre_processor=model_cls.configure_pre_processor(size), **extra)
@@ -151,10 +188,10 @@ def main() -> None:
     test_s = time.perf_counter() - start
 
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    out = {"model": args.model, **backbone, "import_s": IMPORT_S, "fit_s": fit_s, "test_s": test_s,
+    out = {"model": args.model, **backbone, "seed": args.seed, "import_s": IMPORT_S, "fit_s": fit_s, "test_s": test_s,
            **({"aupro_s": TimedAUPRO.seconds} if aupro else {}), **metrics,
            "threads": torch.get_num_threads(), "versions": versions(), "workers": datamodule.num_workers,
-           "visualizer": not args.no_visualizer, "total_in_process_s": time.perf_counter() - START}
+           "visualizer": not (args.no_visualizer or args.raw_only), "total_in_process_s": time.perf_counter() - START}
     raw.save(Path(args.out).with_suffix(".raw.pt"))
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
