@@ -4,6 +4,7 @@ Runs under anomalib's own Python with ``ad`` installed into it (``pip install -e
 
     /tmp/anomalib-venv/bin/python benchmarks/parity.py --model reverse_distillation --backbone resnet18
     /tmp/anomalib-venv/bin/python benchmarks/parity.py --model stfpm --steps 8 --out stfpm.json
+    /tmp/anomalib-venv/bin/python benchmarks/parity.py --summarise stfpm.json stfpm-bf16.json
 
 For one method it builds anomalib's Lightning module and ad's model, copies anomalib's initial
 parameters into ad's (the frozen backbone from one random timm checkpoint into both), feeds both the
@@ -11,6 +12,8 @@ same normalised batches of ad's generated data in the same order, and after each
 compares the loss and every trained parameter. At the end both score the same test images; maps,
 scores and the metrics computed from each (with ad's metrics, on raw scores) are compared. The
 report names the first step and the first tensor where the two part beyond float tolerance.
+``--free`` runs over categories and seeds give each metric's mean on both sides and the paired
+difference run by run; ``--summarise`` merges such reports into one table.
 
 Everything that ad does on purpose differently is off here: fp32 throughout (no bf16 autocast), no
 feature cache, and no channels-last layout, so that what is left to differ is the method itself.
@@ -23,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -59,6 +63,11 @@ class Pair:
     losses: dict[str, str] = field(default_factory=lambda: {"loss": "loss"})  # ours' loss name -> anomalib's
     #: compare the test outputs (False where ad differs on purpose, e.g. CFlow's normalisation)
     outputs_comparable: bool = True
+    #: where ``outputs_comparable`` is False: (scores, maps) of ad's trained model through anomalib's
+    #: post-processing, so that the metrics of the two trainings can be compared on equal terms
+    ours_as_anomalib: Callable[[torch.nn.Module, torch.nn.Module, torch.Tensor], tuple] | None = None
+    #: score the whole test set in one batch (where anomalib's maps depend on the batch they are in)
+    test_in_one_batch: bool = False
 
 
 def random_backbone(name: str, seed: int, folder: Path) -> Path:
@@ -166,11 +175,27 @@ def ganomaly_pair(backbone: str, weights: Path, size: int) -> Pair:
     return Pair(ours, theirs, names, losses={"loss": "generator_loss", "discriminator": "discriminator_loss"})
 
 
+@torch.no_grad()
+def cflow_as_anomalib(ours: torch.nn.Module, theirs: torch.nn.Module, images: torch.Tensor) -> tuple:
+    """ad's CFlow likelihoods turned into maps by anomalib's generator: per layer ``exp(log p − max over
+    the batch)``, upsampled, summed, and subtracted from the sum's maximum over the batch."""
+    log_p = ours.log_likelihoods(images)  # per layer (B, H, W), as anomalib's distribution in (b h w) order
+    maps = theirs.anomaly_map_generator(distribution=[layer.reshape(-1) for layer in log_p],
+                                        height=[layer.shape[1] for layer in log_p],
+                                        width=[layer.shape[2] for layer in log_p], image_size=images.shape[-2:])
+    maps = maps.reshape(len(images), *images.shape[-2:])
+    return maps.flatten(1).amax(1), maps
+
+
 def cflow_pair(backbone: str, weights: Path, size: int) -> Pair:
     """CFlow: ad's coupling blocks hold FrEIA's AllInOneBlock parameters (the permutation as indices).
 
     The test outputs are not compared: ad normalises each layer's likelihood by its maximum over the
     training images, anomalib by the maximum over the test batch it is scoring (an intended difference).
+    The two give each layer a different weight in the summed map, so neither is a monotone function
+    of the other and their metrics differ even for identical flows; ad's trained flows are therefore
+    also scored through anomalib's map generator (``ours_anomalib_norm``), with the whole test set in
+    one batch so that anomalib's normalisation is one transform shared by all test images.
     """
     from anomalib.models import Cflow as Theirs
 
@@ -194,7 +219,8 @@ def cflow_pair(backbone: str, weights: Path, size: int) -> Pair:
                 convert[key], back[key] = (lambda t: t.flatten()), (lambda t, like: t.reshape(like.shape))
     # anomalib's logged loss sums -logsigmoid over every fiber of every layer, ad's averages it per layer:
     # different reductions of the same terms, so the gradients are what is compared.
-    return Pair(ours, theirs, names, convert, back, losses={}, outputs_comparable=False)
+    return Pair(ours, theirs, names, convert, back, losses={}, outputs_comparable=False,
+                ours_as_anomalib=cflow_as_anomalib, test_in_one_batch=True)
 
 
 PAIRS = {"reverse_distillation": (rd_pair, "wide_resnet50_2"), "stfpm": (stfpm_pair, "resnet18"),
@@ -358,13 +384,17 @@ def score_both(pair: Pair, train: torch.Tensor, test: torch.Tensor, batch: int) 
     pair.theirs.model.eval()
     pair.ours.on_train_end([{"image": chunk} for chunk in train.split(batch)], torch.device("cpu"))
     out = defaultdict(list)
-    for chunk in test.split(batch):
+    for chunk in test.split(len(test) if pair.test_in_one_batch else batch):
         ours, theirs = pair.ours(chunk), pair.theirs.model(chunk)
         out["scores_ours"].append(ours.scores)
         out["scores_anomalib"].append(theirs.pred_score.reshape(-1))
         if ours.maps is not None:
             out["maps_ours"].append(ours.maps)
             out["maps_anomalib"].append(theirs.anomaly_map.reshape(ours.maps.shape))
+        if pair.ours_as_anomalib is not None:
+            scores, maps = pair.ours_as_anomalib(pair.ours, pair.theirs.model, chunk)
+            out["scores_ours_anomalib_norm"].append(scores)
+            out["maps_ours_anomalib_norm"].append(maps)
     merged = {key: torch.cat(value) for key, value in out.items()}
     return {"maps_ours": None, "maps_anomalib": None, **merged}
 
@@ -377,7 +407,7 @@ def load_split(dataset, split: str) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(PAIRS), required=True)
+    parser.add_argument("--model", choices=sorted(PAIRS), required="--summarise" not in sys.argv)
     parser.add_argument("--backbone", default=None, help="default: the method's anomalib default")
     parser.add_argument("--categories", default="brick", help="comma-separated generated textures")
     parser.add_argument("--seeds", default="0", help="comma-separated: data, backbone and initial parameters")
@@ -395,6 +425,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", help="JSON file for the report")
     parser.add_argument("--record", help="instead: record anomalib's metrics in the tiny setting of "
                                          "tests/test_map_direction.py into this JSON file")
+    parser.add_argument("--summarise", nargs="+", metavar="JSON",
+                        help="instead: merge the runs of these --out files and print the table per model and "
+                             "precision, with ad's bf16 − fp32 run by run where both were run")
     return parser.parse_args()
 
 
@@ -424,22 +457,27 @@ def compare(args: argparse.Namespace, category: str, seed: int) -> dict:
     scored = score_both(pair, train["image"], test["image"], args.batch_size)
     masks, labels = test["mask"].bool(), test["label"]
     maps = scored["maps_ours"] is not None
+    # what is held against anomalib's outputs: ad's own, or (where those differ on purpose) ad's through anomalib's
+    # post-processing
+    mine = "ours" if pair.outputs_comparable else "ours_anomalib_norm" if pair.ours_as_anomalib else None
+    sides = [key.removeprefix("scores_") for key in scored if key.startswith("scores_")]
     metrics = {side: compute_metrics(scored[f"scores_{side}"], labels, scored[f"maps_{side}"], masks)
-               for side in ("ours", "anomalib")}
+               for side in sides}
     report = {
         "model": args.model, "backbone": backbone, "category": category, "seed": seed,
         "image_size": args.image_size, "precision": args.precision, "steps": steps,
         "first_parting_step": first["step"] if first else None,
         "first_parting_tensor": first["grad_tensor"] if first else None, "resynced": not args.free,
-        "scores_rel": relative(scored["scores_ours"], scored["scores_anomalib"]),
-        "maps_rel": relative(scored["maps_ours"], scored["maps_anomalib"]) if maps else 0.0,
+        "outputs_compared": mine,
+        "scores_rel": relative(scored[f"scores_{mine}"], scored["scores_anomalib"]) if mine else None,
+        "maps_rel": relative(scored[f"maps_{mine}"], scored["maps_anomalib"]) if mine and maps else 0.0,
         "metrics": metrics,
     }
-    print(f"maps rel {report['maps_rel']:.1e}, scores rel {report['scores_rel']:.1e}")
+    if mine:
+        print(f"{mine} against anomalib: maps rel {report['maps_rel']:.1e}, scores rel {report['scores_rel']:.1e}")
     for side, values in metrics.items():
-        print(f"{side:>9}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "threshold" not in k))
-    outputs_agree = (max(report["maps_rel"], report["scores_rel"]) <= TOLERANCE["output"] or args.free
-                     or not pair.outputs_comparable)
+        print(f"{side:>18}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "threshold" not in k))
+    outputs_agree = mine is None or args.free or max(report["maps_rel"], report["scores_rel"]) <= TOLERANCE["output"]
     if args.free:  # float noise compounds over steps: only the metrics are comparable
         report["agree"] = None
         print(f"free run: the gradients drift apart from step {first['step']}" if first else
@@ -452,14 +490,67 @@ def compare(args: argparse.Namespace, category: str, seed: int) -> dict:
     return report
 
 
+def metric_values(reports: list[dict], side: str) -> dict[str, torch.Tensor]:
+    """Every metric of one side over the runs (thresholds left out)."""
+    keys = [k for k in reports[0]["metrics"][side] if "threshold" not in k]
+    return {k: torch.tensor([r["metrics"][side][k] for r in reports], dtype=torch.float64) for k in keys}
+
+
+def spread(values: torch.Tensor) -> float:
+    """Standard deviation over the runs (0 for one run)."""
+    return values.std().item() if len(values) > 1 else 0.0
+
+
 def summary(reports: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
     """Mean and standard deviation of every metric over the runs, per side."""
+    return {side: {k: (v.mean().item(), spread(v)) for k, v in metric_values(reports, side).items()}
+            for side in reports[0]["metrics"]}
+
+
+def paired(reports: list[dict], base: str = "anomalib") -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Per side other than ``base``: each metric's run-by-run difference side − base as (mean, std,
+    largest in size); both sides of a run start from the same parameters, so this is sharper than
+    comparing the two means against the seed spread."""
+    reference = metric_values(reports, base)
     out = {}
-    for side in ("ours", "anomalib"):
-        keys = [k for k in reports[0]["metrics"][side] if "threshold" not in k]
-        values = {k: torch.tensor([r["metrics"][side][k] for r in reports], dtype=torch.float64) for k in keys}
-        out[side] = {k: (v.mean().item(), v.std().item() if len(v) > 1 else 0.0) for k, v in values.items()}
+    for side in reports[0]["metrics"]:
+        if side != base:
+            out[side] = {}
+            for k, v in metric_values(reports, side).items():
+                delta = v - reference[k]
+                out[side][k] = (delta.mean().item(), spread(delta), delta.abs().max().item())
     return out
+
+
+def print_table(reports: list[dict]) -> None:
+    """The mean ± std of every side and the paired differences from anomalib, over the runs."""
+    print(f"over {len(reports)} runs (mean ± std):")
+    for side, values in summary(reports).items():
+        print(f"{side:>18}: " + "  ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in values.items()))
+    for side, values in paired(reports).items():
+        print(f"{side + ' − anomalib':>29}: " + "  ".join(f"{k} {m:+.3f} ± {s:.3f} (max {x:.3f})"
+                                                      for k, (m, s, x) in values.items()))
+
+
+def summarise(paths: list[str]) -> None:
+    """Merge the runs of report files and print the table per model and precision; where a model was run
+    in both precisions on the same categories and seeds, also ad's bf16 − fp32 run by run."""
+    groups = defaultdict(dict)
+    for path in paths:
+        for run in json.loads(Path(path).read_text())["runs"]:
+            groups[run["model"], run["precision"]][run["category"], run["seed"]] = run
+    for (model, precision), runs in sorted(groups.items()):
+        print(f"\n{model}, ad in {precision}, {len(runs)} runs")
+        print_table(list(runs.values()))
+    for (model, precision), runs in sorted(groups.items()):
+        fp32 = groups.get((model, "fp32"), {})
+        common = sorted(set(runs) & set(fp32))
+        if precision == "bf16" and common:
+            bf16_runs = [{"metrics": {"ours": runs[key]["metrics"]["ours"], "fp32": fp32[key]["metrics"]["ours"]}}
+                         for key in common]
+            print(f"\n{model}: ad's bf16 − ad's fp32 over {len(common)} runs (fp32's spread: ± above)")
+            for k, (m, s, x) in paired(bf16_runs, base="fp32")["ours"].items():
+                print(f"  {k} {m:+.3f} ± {s:.3f} (max {x:.3f})")
 
 
 #: The tiny setting of tests/test_map_direction.py: generated texture, resnet18 backbone drawn from the
@@ -514,18 +605,20 @@ def main() -> None:
     if args.record:
         record_direction(args.model, Path(args.record))
         return
-    reports = [compare(args, category, int(seed))
-               for category in args.categories.split(",") for seed in args.seeds.split(",")]
-    table = summary(reports)
+    if args.summarise:
+        summarise(args.summarise)
+        return
+    reports = []
+    for category in args.categories.split(","):
+        for seed in args.seeds.split(","):
+            reports.append(compare(args, category, int(seed)))
+            if args.out:  # after every run, so that a long series interrupted keeps what it finished
+                result = {"runs": reports, "summary": summary(reports), "paired": paired(reports),
+                          "tolerance": TOLERANCE, "agree": all(r["agree"] is not False for r in reports),
+                          "anomalib": __import__("anomalib").__version__, "torch": torch.__version__}
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if len(reports) > 1:
-        print(f"over {len(reports)} runs (mean ± std):")
-        for side, values in table.items():
-            print(f"{side:>9}: " + "  ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in values.items()))
-    if args.out:
-        result = {"runs": reports, "summary": table, "tolerance": TOLERANCE,
-                  "agree": all(r["agree"] is not False for r in reports),
-                  "anomalib": __import__("anomalib").__version__, "torch": torch.__version__}
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print_table(reports)
 
 
 if __name__ == "__main__":
