@@ -19,7 +19,7 @@ import numpy as np
 
 #: Packages the served model imports, pinned to the versions that wrote it.
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "scipy", "pandas",
-                    "kornia", "faiss-cpu", "scikit-learn", "imagecodecs", "xxhash", "tqdm", "matplotlib")
+                    "kornia", "faiss-cpu", "imagecodecs", "xxhash", "tqdm", "matplotlib")
 
 
 def requirements() -> list[str]:
