@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default="/tmp/parity_pipeline", help="data, weights and every run's results")
     parser.add_argument("--side", choices=("ad", "anomalib", "both"), default="both",
                         help="run one library's side only (two invocations can then run at once)")
-    parser.add_argument("--report-only", action="store_true", help="summarise the saved runs, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="save finished runs' results and summarise them; start nothing")
     parser.add_argument("--out", help="also write the summary as JSON here")
     return parser.parse_args(argv)
 
@@ -335,7 +336,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     work = Path(args.work)
     sys.path.insert(0, str(HERE))
-    if not args.report_only:
+    if args.report_only:  # save what finished in batches that are still running or were stopped
+        seeds, categories = [int(s) for s in args.seeds.split(",")], args.categories.split(",")
+        for name in args.methods.split(","):
+            for side in ("ad", "anomalib"):
+                harvest(Batch(name, METHODS[name], seeds, categories, work), side, None)
+    else:
         run_all(args, work)
     summary = summarise(work, args.methods.split(","))
     print(table(summary))
