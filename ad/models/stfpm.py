@@ -18,20 +18,10 @@ from ad.models.base import Prediction, TrainableModel
 from ad.postprocess import max_score
 
 
-def feature_matching_loss(teacher: torch.Tensor, student: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``0.5/(H·W) · Σ (norm(t) − norm(s))²`` summed over batch, channels and positions (paper eq. 1).
-
-    Expanded per position as ``0.5·(|t̂|² + |ŝ|²) − t̂·ŝ`` (|t̂| is 1, or 0 for a zero vector, as
-    ``F.normalize`` makes it): three passes over the full feature maps instead of seven, which halves
-    the loss and its backward (~6% of a training step on CPU). Equal to the direct form up to float
-    rounding (tested).
-    """
+def feature_matching_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """``0.5/(H·W) · Σ (norm(t) − norm(s))²`` summed over batch, channels and positions (paper eq. 1)."""
     height, width = teacher.shape[-2:]
-    t_norm, s_norm = torch.linalg.vector_norm(teacher, dim=1), torch.linalg.vector_norm(student, dim=1)
-    t_scale, s_scale = t_norm.clamp_min(eps), s_norm.clamp_min(eps)
-    dot = (teacher * student).sum(dim=1)
-    per_position = 0.5 * ((t_norm / t_scale).square() + (s_norm / s_scale).square()) - dot / (t_scale * s_scale)
-    return per_position.sum() / (height * width)
+    return layer_distance(teacher, student).sum() / (height * width)
 
 
 def layer_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
