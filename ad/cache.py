@@ -20,7 +20,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,20 +69,8 @@ def _torch_save(value, file) -> None:
         torch.save(value, file)
 
 
-def tensor_bytes(value) -> int:
-    """Bytes of the tensors in a cache value (a tensor, or a list, tuple or dict of them)."""
-    if isinstance(value, dict):
-        return sum(tensor_bytes(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(item) for item in value)
-    return value.numel() * value.element_size() if hasattr(value, "element_size") else 0
-
-
 class DiskCache:
     """Tensors (or dicts/lists of tensors) and numpy arrays, stored one file per key under ``root/<kind>/``."""
-
-    #: What ``holding_writes`` keeps in memory at most; later entries are written at once.
-    HOLD_LIMIT_BYTES = 1 << 30
 
     def __init__(self, root: str | Path | None = None, max_gb: float = 20.0) -> None:
         self.root = Path(root).expanduser() if root else default_cache_dir()
@@ -91,9 +78,6 @@ class DiskCache:
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._in_flight: dict[tuple[str, str], object] = {}  # queued values, readable before they land
-        self._held: list[tuple[str, str, object]] = []  # saved while holding, not handed to the writer yet
-        self._held_bytes = 0
-        self._holding = False
         self.writes_off = False  # set, with one warning, when the folder cannot be written
 
     def check_writable(self) -> bool:
@@ -122,18 +106,11 @@ class DiskCache:
             )
 
     def save_async(self, kind: str, key: str, value) -> None:
-        """Like ``save``, on a background thread (or held back, see ``holding_writes``); ``load`` returns
-        the value meanwhile. The thread runs at the caller's priority: ``flush`` waits for it."""
+        """Like ``save``, on a background thread; ``load`` returns the value meanwhile. The thread runs
+        at the caller's priority: ``flush`` waits for it."""
         if self.writes_off:
             return
         self._in_flight[(kind, key)] = value
-        if self._holding and self._held_bytes < self.HOLD_LIMIT_BYTES:
-            self._held.append((kind, key, value))
-            self._held_bytes += tensor_bytes(value)
-            return
-        self._write_in_background(kind, key, value)
-
-    def _write_in_background(self, kind: str, key: str, value) -> None:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ad-cache")
 
@@ -143,29 +120,8 @@ class DiskCache:
 
         self._pending.append(self._writer.submit(write))
 
-    @contextlib.contextmanager
-    def holding_writes(self) -> Iterator[None]:
-        """Keep ``save_async`` entries in memory during the block (up to ``HOLD_LIMIT_BYTES``), then write them.
-
-        A run holds them while it fits and scores. Written meanwhile, they would take turns on the
-        cores the backbone's threads wait for each other on. After the block they are written while
-        the run ends (metrics, MLflow logging), which leaves a core idle most of the time.
-        """
-        self._holding = True
-        try:
-            yield
-        finally:
-            self._holding = False
-            self._release_held()
-
-    def _release_held(self) -> None:
-        held, self._held, self._held_bytes = self._held, [], 0
-        for kind, key, value in held:
-            self._write_in_background(kind, key, value)
-
     def flush(self) -> None:
         """Wait for background writes to finish (they are atomic, so an abandoned one leaves nothing)."""
-        self._release_held()
         for future in self._pending:
             future.result()
         self._pending.clear()

@@ -295,32 +295,30 @@ def fit_and_evaluate(cfg: DictConfig, run_dir: Path, started: float | None) -> d
         log.info("%s on %s/%s: %d train, %d test images, %s, %s", model_name, dataset_name, category,
                  len(dataset.train), len(dataset.test), device, precision)
 
-        # cache writes wait until fit and test are done: meanwhile they would take the backbone's cores
-        with cache.holding_writes() if cache is not None else contextlib.nullcontext():
-            start = time.perf_counter()
-            keep_maps = model.produces_maps and dataset.has_masks
-            test_loader = make_loader(dataset.test_set(cache), cfg.trainer, device)
-            trained = {}
-            if isinstance(model, TrainableModel):
-                trainer = make_trainer(cfg, run_dir, device, dtype, tracker, resume_from)
-                trainer.fit(model, dataset.train_set(cache), lambda: evaluate(model, test_loader, device, keep_maps))
-                trained = {"epochs": trainer.epochs}
-            else:
-                model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
-            fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        keep_maps = model.produces_maps and dataset.has_masks
+        test_loader = make_loader(dataset.test_set(cache), cfg.trainer, device)
+        trained = {}
+        if isinstance(model, TrainableModel):
+            trainer = make_trainer(cfg, run_dir, device, dtype, tracker, resume_from)
+            trainer.fit(model, dataset.train_set(cache), lambda: evaluate(model, test_loader, device, keep_maps))
+            trained = {"epochs": trainer.epochs}
+        else:
+            model.fit(progress(make_loader(dataset.train_set(cache), cfg.trainer, device), "fit"), device)
+        fit_s = time.perf_counter() - start
 
-            start = time.perf_counter()
-            val_loader = make_loader(dataset.val_set(cache), cfg.trainer, device) if dataset.val else None
-            image_threshold, pixel_threshold = set_thresholds(cfg.threshold, model, val_loader, device)
-            calibrate_s = time.perf_counter() - start
+        start = time.perf_counter()
+        val_loader = make_loader(dataset.val_set(cache), cfg.trainer, device) if dataset.val else None
+        image_threshold, pixel_threshold = set_thresholds(cfg.threshold, model, val_loader, device)
+        calibrate_s = time.perf_counter() - start
 
-            start = time.perf_counter()
-            outputs = score(model, test_loader, device, keep_maps)
-            metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
-            metrics.update(operating_point_metrics(
-                outputs.scores, outputs.labels, None if image_threshold is None else image_threshold.value,
-                outputs.maps, outputs.masks, None if pixel_threshold is None else pixel_threshold.value))
-            test_s = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs = score(model, test_loader, device, keep_maps)
+        metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
+        metrics.update(operating_point_metrics(
+            outputs.scores, outputs.labels, None if image_threshold is None else image_threshold.value,
+            outputs.maps, outputs.masks, None if pixel_threshold is None else pixel_threshold.value))
+        test_s = time.perf_counter() - start
 
         uses_backbone = model.uses_backbone  # GANomaly learns from pixels: no backbone to name
         backbone_name = cfg.backbone.name if uses_backbone else "none"

@@ -188,37 +188,3 @@ def test_background_writes_run_at_the_callers_priority(tmp_path):
     assert cache._writer.submit(own_priority).result() == before
     assert own_priority() == before
     cache.flush()
-
-
-def test_held_writes_stay_in_memory_until_the_block_ends(tmp_path):
-    cache = DiskCache(tmp_path)
-    with cache.holding_writes():
-        cache.save_async("features", "ef01", torch.ones(4))
-        assert torch.equal(cache.load("features", "ef01"), torch.ones(4))  # served from memory
-        assert DiskCache(tmp_path).load("features", "ef01") is None  # nothing on disk yet
-        assert cache._writer is None
-    cache.flush()
-    assert torch.equal(DiskCache(tmp_path).load("features", "ef01"), torch.ones(4))
-
-
-def test_held_writes_beyond_the_limit_are_written_at_once(tmp_path):
-    cache = DiskCache(tmp_path)
-    cache.HOLD_LIMIT_BYTES = 3 * 4  # room for one entry of three float32 values
-    with cache.holding_writes():
-        cache.save_async("features", "aa01", torch.ones(3))
-        cache.save_async("features", "aa02", [torch.ones(3), torch.zeros(2)])  # over the limit: written now
-        for future in cache._pending:
-            future.result()
-        assert DiskCache(tmp_path).load("features", "aa01") is None
-        assert DiskCache(tmp_path).load("features", "aa02") is not None
-    cache.flush()
-    assert torch.equal(DiskCache(tmp_path).load("features", "aa01"), torch.ones(3))
-
-
-def test_a_failure_inside_the_block_still_writes_what_was_held(tmp_path):
-    cache = DiskCache(tmp_path)
-    with pytest.raises(RuntimeError), cache.holding_writes():
-        cache.save_async("features", "bb01", torch.ones(2))
-        raise RuntimeError("fit failed")
-    cache.flush()
-    assert torch.equal(DiskCache(tmp_path).load("features", "bb01"), torch.ones(2))
