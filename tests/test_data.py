@@ -566,10 +566,9 @@ def test_batch_normalisation_matches_per_image_and_collates_channels_last() -> N
     collated = collate(items)
     assert collated["image"].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(collated["image"], batch) and collated["label"].tolist() == [0, 1, 2]
-    assert collated["image"].data_ptr() == batch.data_ptr()  # the batch itself, not a copy of it
 
 
-def test_collate_stacks_images_that_are_not_one_batch_in_order() -> None:
+def test_collate_stacks_images_in_order_whatever_their_layout() -> None:
     from ad.data import collate, normalize_batch
 
     batch = normalize_batch(np.random.default_rng(2).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
