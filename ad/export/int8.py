@@ -194,6 +194,8 @@ def quantise(bundle_folder: Path, meta: dict, fp32_xml: Path, out: Path, backbon
     from ad.export.openvino_writer import read_metadata, save_ir
 
     paths, warnings = calibration
+    if len(paths) > SUBSET:  # NNCF would see only SUBSET of them: read those, spread over the whole list
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, SUBSET).round().astype(int)]
     size = int(meta["preprocessing"]["image_size"])
     good, images = read_all(paths, size, "calibration")
     result = Quantised(calibration_images=len(good), warnings=list(warnings))
