@@ -94,18 +94,21 @@ def _decoded(path: Path, draft_size: int | None = None) -> Iterator[tuple[Image.
     with image:
         size_on_disk = image.size
         decoded = _fast_png(path, image)
-        if decoded is None:
-            if image.format == "PNG" and (failure := png_crc_failure(path)):
-                raise _cannot_read(path, failure)
-            try:
-                if draft_size is not None and image.format == "JPEG":
-                    gap_size = round(draft_size * REDUCING_GAP)
-                    image.draft(image.mode, (gap_size, gap_size))
-                image.load()
-            except _DECODE_ERRORS as error:
-                raise _cannot_read(path, error) from error
-            decoded = image
-        yield decoded, size_on_disk
+        yield (decoded if decoded is not None else _pillow_decoded(path, image, draft_size)), size_on_disk
+
+
+def _pillow_decoded(path: Path, image: Image.Image, draft_size: int | None) -> Image.Image:
+    """``image`` decoded by Pillow: every format, and the reference that ``_fast_png`` must match."""
+    if image.format == "PNG" and (failure := png_crc_failure(path)):
+        raise _cannot_read(path, failure)
+    try:
+        if draft_size is not None and image.format == "JPEG":
+            gap_size = round(draft_size * REDUCING_GAP)
+            image.draft(image.mode, (gap_size, gap_size))
+        image.load()
+    except _DECODE_ERRORS as error:
+        raise _cannot_read(path, error) from error
+    return image
 
 
 def _fast_png(path: Path, image: Image.Image) -> Image.Image | None:
