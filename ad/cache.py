@@ -14,6 +14,7 @@ the cache only saves time, so it never fails a run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -67,6 +68,16 @@ def _torch_save(value, file) -> None:
         torch.save(value, file, _use_new_zipfile_serialization=False)
     except TypeError:  # a torch without the legacy writer
         torch.save(value, file)
+
+
+def _disk_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None: torch's storage writer reports a full disk as a
+    RuntimeError ("write(): fd N failed with No space left on device") with no OSError attached."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, RuntimeError) and os.strerror(errno.ENOSPC) in str(exc):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
 
 
 class DiskCache:
@@ -184,14 +195,12 @@ class DiskCache:
             with open(tmp, "wb") as file:
                 write(file)
             os.replace(tmp, path)
-        except OSError as exc:
+        except BaseException as exc:  # also interrupted (Ctrl-C, a stopped prefetcher): leave no temp file behind
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            self._turn_writes_off(exc)
-        except BaseException:  # interrupted (Ctrl-C, a stopped prefetcher): leave no temp file behind
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
+            if (failure := _disk_failure(exc)) is None:
+                raise
+            self._turn_writes_off(failure)
 
     def evict(self) -> int:
         """Delete least recently used entries until the cache fits its bound; returns bytes freed."""
