@@ -188,3 +188,22 @@ def test_background_writes_run_at_the_callers_priority(tmp_path):
     assert cache._writer.submit(own_priority).result() == before
     assert own_priority() == before
     cache.flush()
+
+
+def test_torch_reporting_a_full_disk_as_a_runtime_error_turns_writing_off(tmp_path, monkeypatch, caplog):
+    import ad.cache
+
+    def full(value, file):
+        raise RuntimeError("write(): fd 37 failed with No space left on device")  # torch's legacy writer
+
+    monkeypatch.setattr(ad.cache, "_torch_save", full)
+    cache = DiskCache(tmp_path)
+    cache.save("features", "ff01", torch.ones(2))
+    assert cache.writes_off and not list(tmp_path.rglob("*.tmp"))
+
+    def bug(value, file):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(ad.cache, "_torch_save", bug)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        DiskCache(tmp_path / "other").save("features", "ff02", torch.ones(2))
