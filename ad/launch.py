@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ad.errors import ADError, ConfigError, one_line
 from ad.runtime import applied
 from ad.signals import Stopped, stop_signals
-from ad.sweep import current_sweep_dir, in_multirun, record_failure, summarize
+from ad.sweep import clear_failure, current_sweep_dir, in_multirun, record_failure, summarize
 
 log = logging.getLogger("ad")
 
@@ -280,6 +280,7 @@ def run_job(cfg: DictConfig) -> float | None:
         print(f"error: {message}", file=sys.stderr, flush=True)
         record_failure(output_dir, message)
         return None  # Optuna counts a None as a failed trial and goes on
+    clear_failure(output_dir)
     print(format_table(results), flush=True)
     return results.get(metric)  # None where the method has no such result (pixel metrics without maps)
 

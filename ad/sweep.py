@@ -86,6 +86,11 @@ def record_failure(job_dir: Path, error: str) -> None:
     os.replace(tmp, job_dir / FAILURE_FILE)
 
 
+def clear_failure(job_dir: Path) -> None:
+    """Forget a failure recorded in ``job_dir`` by an earlier sweep into the same folder: this job finished."""
+    (job_dir / FAILURE_FILE).unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     """How one job of a sweep ended, read back from its folder."""

@@ -115,6 +115,15 @@ def test_a_job_without_result_counts_as_failed(tmp_path):
     assert failures == 1 and text.splitlines()[1].startswith("  job 1 [dataset.category=c1] NO RESULT: ")
 
 
+def test_a_sweep_rerun_into_the_same_folder_reports_each_job_as_it_ended_this_time(tmp_path):
+    sweep = [*(o for o in QUICK if not o.startswith("tracking.")), "tracking=none", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${hydra.job.num}"]
+    first = launch(tmp_path, "-m", *sweep, "dataset.category=brick,nope")
+    assert first.returncode == 1 and "job 1 [dataset.category=nope] FAILED" in first.stderr
+    second = launch(tmp_path, "-m", *sweep, "dataset.category=brick,grass")  # job 1's folder held a failure
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "2 of 2 jobs finished" in second.stdout
+
+
 @pytest.mark.slow
 def test_joblib_jobs_share_a_new_sqlite_store(tmp_path):
     """Two parallel processes create the default store at once: the file lock lets one migrate it."""
