@@ -116,7 +116,8 @@ def test_a_job_without_result_counts_as_failed(tmp_path):
 
 
 def test_a_sweep_rerun_into_the_same_folder_reports_each_job_as_it_ended_this_time(tmp_path):
-    sweep = [*(o for o in QUICK if not o.startswith("tracking.")), "tracking=none", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${hydra.job.num}"]
+    sweep = [*(o for o in QUICK if not o.startswith("tracking.")), "tracking=none",
+             f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${hydra.job.num}"]
     first = launch(tmp_path, "-m", *sweep, "dataset.category=brick,nope")
     assert first.returncode == 1 and "job 1 [dataset.category=nope] FAILED" in first.stderr
     second = launch(tmp_path, "-m", *sweep, "dataset.category=brick,grass")  # job 1's folder held a failure
