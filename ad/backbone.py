@@ -9,12 +9,13 @@ import contextlib
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ad.backbone_record import BuildRecord, build_key, recall, recalled_weights, remember
 from ad.cache import DiskCache, digest
 from ad.errors import ADError
 from ad.weights import build_feature_model, layer_indices  # noqa: F401 - layer_indices: part of this API
@@ -29,7 +30,9 @@ class BackboneSpec:
 
     ``weights`` is ``imagenet`` (timm's weights under the pinned ``tag``), ``random`` or a checkpoint
     path; ``precision`` is the resolved autocast (``fp32``, ``bf16``, ``fp16``; ``auto`` decides per
-    device); ``channels_last`` runs the backbone (and a method's own networks) in NHWC.
+    device); ``channels_last`` runs the backbone (and a method's own networks) in NHWC. ``records``,
+    not a setting but where the run keeps its feature cache, lets an extractor recall an earlier
+    identical build instead of building (``ad.backbone_record``).
     """
 
     name: str
@@ -37,6 +40,7 @@ class BackboneSpec:
     tag: str | None = "tv_in1k"
     precision: str = "fp32"
     channels_last: bool = True
+    records: DiskCache | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, backbone, precision: str = "fp32", channels_last: bool = True) -> BackboneSpec:
@@ -53,15 +57,15 @@ class BackboneSpec:
             return value
         if not isinstance(value, Mapping) or "name" not in value:
             raise ADError(f"backbone: expected a BackboneSpec or a mapping with a name, got {value!r}")
-        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        unknown = sorted(set(value) - ({f.name for f in fields(cls)} - {"records"}))
         if unknown:
             raise ADError(f"backbone.{unknown[0]}: unknown backbone setting; use name, weights, tag, precision, "
                           "channels_last")
         return cls(**value)
 
     def to_dict(self) -> dict:
-        """The spec as plain JSON-able values (what a model bundle records)."""
-        return asdict(self)
+        """The settings as plain JSON-able values (what a model bundle records)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "records"}
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -133,7 +137,9 @@ class FeatureExtractor(nn.Module):
     """Frozen backbone returning fp32 feature maps of the requested layers.
 
     Runs in eval mode without gradients; ``channels_last`` and autocast (bf16/fp16) make the
-    backbone pass several times faster where the hardware supports them.
+    backbone pass several times faster where the hardware supports them. Given ``records`` (the
+    run's feature cache), an extractor whose identical build was recorded there recalls it instead
+    of building (``ad.backbone_record``): the network is then built only if a feature must be computed.
     """
 
     def __init__(
@@ -144,27 +150,86 @@ class FeatureExtractor(nn.Module):
         tag: str | None = "tv_in1k",
         precision: str = "fp32",
         channels_last: bool = True,
+        records: DiskCache | None = None,
     ) -> None:
         super().__init__()
-        self.name, self.layers, self.tag = name, list(layers), tag
-        model, self.weights_source = build_feature_model(name, self.layers, weights, tag)
+        self.name, self.layers, self.weights, self.tag = name, list(layers), weights, tag
+        self.precision, self.channels_last = precision, channels_last
+        # Follows .to(): the device a backbone built later (see ``network``) goes to.
+        self.register_buffer("device_anchor", torch.empty(0), persistent=False)
+        self._cached: CachedFeatures | None = None  # set by use_cache; never pickled or deep-copied
+        self._identity: str | None = None
+        self._record: BuildRecord | None = None  # set while the backbone is recalled, not built
+        self._records = records
+        key = build_key(name, self.layers, weights, tag) if records is not None else None
+        record = recall(records, key) if key is not None else None
+        if record is not None:
+            self._recall(record)
+            return
+        rng_before = torch.get_rng_state()
+        self._build()
+        fell_back = weights == "imagenet" and self.weights_source != "imagenet"  # may find them next time
+        if key is not None and not fell_back:
+            size = Path(self._origin).stat().st_size if self._origin else None
+            record = BuildRecord(self.identity(), self.channels, self.reductions, self.weights_source, rng_before,
+                                 torch.get_rng_state(), self._origin, size)
+            remember(records, key, record, self.model.state_dict())
+
+    def _build(self) -> None:
+        """Make the timm model (frozen, batch norm folded, in the configured layout) and note its shapes."""
+        model, self.weights_source, self._origin = build_feature_model(self.name, self.layers, self.weights, self.tag)
         model.eval().requires_grad_(False)
         self.channels = list(model.feature_info.channels())
         self.reductions = list(model.feature_info.reduction())
         self.model = fuse_batchnorm(model)
-        self.precision, self.channels_last = precision, channels_last
-        if channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self._cached: CachedFeatures | None = None  # set by use_cache; never pickled or deep-copied
-        self._identity: str | None = None
+        self.model.to(self.device_anchor.device)
+
+    def _recall(self, record: BuildRecord) -> None:
+        """Take what a recorded build decided instead of building, and leave torch's random state as it left it."""
+        self._record, self._identity, self._origin = record, record.identity, record.origin
+        self.channels, self.reductions = list(record.channels), list(record.reductions)
+        self.weights_source = record.weights_source
+        self.model = None
+        torch.set_rng_state(record.rng_after)
+
+    def network(self) -> nn.Module:
+        """The backbone network, built now if it was recalled (from the random state its record began with)."""
+        if self._record is not None:
+            record, self._record = self._record, None
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(record.rng_before)
+                self._build()
+            if self.weights_identity() != record.identity:
+                raise ADError(f"feature cache: the recorded build of backbone {self.name} does not match what builds "
+                              f"now; delete {self._records.root if self._records else 'the feature cache'}")
+        return self.model
 
     @classmethod
     def from_spec(cls, spec: BackboneSpec, layers: list[str]) -> FeatureExtractor:
         """The extractor a method builds from its ``BackboneSpec``: the spec's backbone, these layers."""
-        return cls(layers=list(layers), **spec.to_dict())
+        return cls(layers=list(layers), records=spec.records, **spec.to_dict())
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_cached": None, "_identity": None}
+        self.network()  # a copy carries the weights, not a cache's record of them
+        return {**super().__getstate__(), "_cached": None, "_identity": None, "_records": None}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """A recalled backbone's state holds the weights its build made, from the cache (or built now)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._record is not None:
+            weights = recalled_weights(self._records, self._record.identity)
+            if weights is None:
+                self.network()  # evicted: the state dict recursion then saves the built network's weights
+            else:
+                destination.update({f"{prefix}model.{key}": value for key, value in weights.items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Loading backbone weights into a recalled extractor builds its network first, to load them into."""
+        if self._record is not None and any(key.startswith(f"{prefix}model.") for key in state_dict):
+            self.network()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def use_cache(self, cache: DiskCache | None) -> None:
         """Serve features through ``CachedFeatures`` over ``cache`` (None: compute every time)."""
@@ -178,11 +243,16 @@ class FeatureExtractor(nn.Module):
     def identity(self) -> str:
         """Hash of everything that determines the features besides the input: weights, layers, numerics."""
         if self._identity is None:
-            parts = [self.name, ",".join(self.layers), self.precision, str(self.channels_last), torch.__version__]
-            for key, tensor in self.model.state_dict().items():
-                parts += [key, tensor.detach().cpu().contiguous().numpy().tobytes()]
-            self._identity = digest(*parts)
+            self.network()
+            self._identity = self.weights_identity()
         return self._identity
+
+    def weights_identity(self) -> str:
+        """``identity`` computed from the built network (not taken from a record)."""
+        parts = [self.name, ",".join(self.layers), self.precision, str(self.channels_last), torch.__version__]
+        for key, tensor in self.model.state_dict().items():
+            parts += [key, tensor.detach().cpu().contiguous().numpy().tobytes()]
+        return digest(*parts)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stay in eval mode: the backbone is frozen, its batch-norm statistics must not move."""
@@ -206,7 +276,7 @@ class FeatureExtractor(nn.Module):
         dtype = resolve_precision(self.precision, images.device)
         amp = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with amp:
-            return list(self.model(images))
+            return list(self.network()(images))
 
 
 class CachedFeatures:

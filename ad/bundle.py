@@ -58,10 +58,10 @@ class Bundle:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages whose code computes the scores."""
-    import timm
+    """Versions of the packages whose code computes the scores (timm's from its metadata: no import)."""
+    from importlib.metadata import version
 
-    return {"ad": ad.__version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+    return {"ad": ad.__version__, "torch": torch.__version__.split("+")[0], "timm": version("timm")}
 
 
 def method_settings(model_node) -> tuple[str, dict]:

@@ -8,6 +8,7 @@ failure marks the tracking run FAILED (never left RUNNING) and re-raises.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -195,15 +196,18 @@ def before_the_run(cfg: DictConfig, run_dir: Path, run_name: str, tags: dict) ->
         raise error from exc
 
 
-def make_model(cfg: DictConfig, device: torch.device, precision: str) -> AnomalyModel:
+def make_model(cfg: DictConfig, device: torch.device, precision: str,
+               cache: DiskCache | None = None) -> AnomalyModel:
     """The method of ``cfg.model`` on ``device``; one that declares ``uses_backbone`` gets the run's ``BackboneSpec``.
 
-    The spec comes from ``cfg.backbone`` with ``precision`` and ``cfg.trainer.channels_last``.
+    The spec comes from ``cfg.backbone`` with ``precision`` and ``cfg.trainer.channels_last``; with the
+    run's feature ``cache`` a backbone built before with the same settings is recalled, not built.
     """
     cls = method_class_of(cfg.model)
     if cls is not None and not getattr(cls, "uses_backbone", True):
         return build(cfg.model, "model", _convert_="all").to(device)
     backbone = BackboneSpec.from_config(cfg.backbone, precision, bool(cfg.trainer.channels_last))
+    backbone = dataclasses.replace(backbone, records=cache)
     return build(cfg.model, "model", backbone=backbone, _convert_="object").to(device)
 
 
@@ -290,7 +294,7 @@ def fit_and_evaluate(cfg: DictConfig, run_dir: Path, started: float | None) -> d
     try:
         cache = open_cache(cfg.get("runtime"))
         if model is None:
-            model = make_model(cfg, device, precision)
+            model = make_model(cfg, device, precision, cache)
         model.use_cache(cache)
         log.info("%s on %s/%s: %d train, %d test images, %s, %s", model_name, dataset_name, category,
                  len(dataset.train), len(dataset.test), device, precision)

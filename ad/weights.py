@@ -18,7 +18,6 @@ from collections.abc import Container
 from pathlib import Path
 from urllib.parse import urlparse
 
-import timm
 import torch
 from torch import nn
 
@@ -30,6 +29,8 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 def layer_indices(name: str, layers: list[str]) -> list[int]:
     """Map timm feature module names (``layer1``...) to ``out_indices``, built on the meta device."""
+    import timm  # here, not at the top: a run that recalls its backbone never imports timm (ad.backbone_record)
+
     try:
         with torch.device("meta"):
             probe = timm.create_model(name, pretrained=False, features_only=True)
@@ -66,6 +67,8 @@ def _cached_hub_file(hf_hub_id: str) -> str | None:
 def _create(name: str, out_indices: list[int], file: str | None = None, pretrained: bool = False,
             state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The timm features-only model, loading weights from a file, a checked state dict or timm's source."""
+    import timm
+
     overlay = {"state_dict": state_dict} if state_dict is not None else {"file": file} if file else None
     return timm.create_model(
         name, pretrained=pretrained or overlay is not None, features_only=True, out_indices=out_indices,
@@ -129,6 +132,8 @@ def _listed(keys: list[str], limit: int = 3) -> str:
 @functools.cache
 def reference_weights(name: str) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
     """The shape of every weight of timm's ``name`` but its classifier head, and the head's key prefixes."""
+    import timm
+
     with torch.device("meta"):
         reference = timm.create_model(name, pretrained=False)
     classifier = reference.pretrained_cfg.get("classifier") or ()
@@ -177,16 +182,22 @@ def _random_init_warning(reason: str) -> None:
     log.warning(message)
 
 
-def build_feature_model(name: str, layers: list[str], weights: str, tag: str | None) -> tuple[nn.Module, str]:
-    """Create the truncated timm model and return it with its weights source."""
+def build_feature_model(name: str, layers: list[str], weights: str,
+                        tag: str | None) -> tuple[nn.Module, str, str | None]:
+    """Create the truncated timm model; return it with its weights source and the file its weights came from.
+
+    The file is None for random weights, and for ImageNet weights timm fetched from a plain URL.
+    """
+    import timm
+
     out_indices = layer_indices(name, layers)
     if weights == "random":
-        return _create(name, out_indices), "random"
+        return _create(name, out_indices), "random", None
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ADError(f"backbone.weights: '{weights}' is neither imagenet, random nor an existing checkpoint file")
-        return load_checkpoint(name, out_indices, path), "file"
+        return load_checkpoint(name, out_indices, path), "file", str(path.resolve())
 
     full_name = f"{name}.{tag}" if tag else name
     if tag and full_name not in timm.list_pretrained(f"{name}.*"):
@@ -195,13 +206,14 @@ def build_feature_model(name: str, layers: list[str], weights: str, tag: str | N
     cfg = timm.models.get_pretrained_cfg(full_name)
     hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
     if hf_hub_id and (cached := _cached_hub_file(hf_hub_id)):
-        return _create(full_name, out_indices, file=cached), "imagenet"
+        return _create(full_name, out_indices, file=cached), "imagenet", cached
     url = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hf_hub_id else getattr(cfg, "url", "")
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or not url or not _host_reachable(url):
         _random_init_warning(f"{full_name} is not cached locally and {url or 'the hub'} is unreachable")
-        return _create(name, out_indices), "random"
+        return _create(name, out_indices), "random", None
     try:
-        return _create(full_name, out_indices, pretrained=True), "imagenet"
+        model = _create(full_name, out_indices, pretrained=True)
     except Exception as exc:  # any download failure: the contract is to warn loudly and go on
         _random_init_warning(f"download of {full_name} failed: {str(exc).splitlines()[0][:200]}")
-        return _create(name, out_indices), "random"
+        return _create(name, out_indices), "random", None
+    return model, "imagenet", _cached_hub_file(hf_hub_id) if hf_hub_id else None
