@@ -115,7 +115,8 @@ def test_a_recalled_method_fits_and_scores_like_a_built_one(tmp_path):
     assert torch.equal(predictions[0].scores, predictions[1].scores)
 
 
-def test_a_warm_run_imports_neither_timm_nor_dynamo(tmp_path):
+@pytest.mark.parametrize("method", [["model=padim"], ["model=patchcore", "backbone=resnet18"]])
+def test_a_warm_run_imports_neither_timm_nor_dynamo_nor_faiss(tmp_path, method):
     """The point of the record: the start-up of a run whose features are cached (see benchmarks/README.md)."""
     script = f"""
 import json, sys
@@ -123,12 +124,13 @@ from hydra import compose, initialize_config_dir
 from ad.launch import CONF_DIR
 from ad.run import run
 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-    cfg = compose("config", overrides=["tracking=none", "backbone.weights=random", "dataset.image_size=64",
+    cfg = compose("config", overrides={method} + ["tracking=none", "backbone.weights=random", "dataset.image_size=64",
                                        "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4",
                                        "runtime.cache_dir={tmp_path / 'cache'}"])
 results = run(cfg, __import__("pathlib").Path(sys.argv[1]))
 print(json.dumps({{"auroc": results["image_AUROC"],
-                  "imported": sorted(m for m in ("timm", "torchvision", "torch._dynamo") if m in sys.modules)}}))
+                  "imported": sorted(m for m in ("timm", "torchvision", "torch._dynamo", "faiss")
+                                    if m in sys.modules)}}))
 """
     outputs = [json.loads(subprocess.run([sys.executable, "-c", script, str(tmp_path / f"run{i}")], check=True,
                                          capture_output=True, text=True).stdout.splitlines()[-1]) for i in range(2)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import faiss
 import torch
 
 from ad.threads import single_threaded
@@ -65,6 +64,8 @@ class FarthestFirst:
         self.padded = torch.full((-(-n // ARGMAX_BLOCK) * ARGMAX_BLOCK,), -torch.inf, device=features.device)
         self.min_d = self.padded[:n].fill_(torch.inf)
         if self.prune:
+            import faiss  # here: a run whose coreset is cached never loads faiss
+
             self.index = faiss.IndexFlatL2(dim)
             self.index.add(features.numpy())
             self.owner = torch.zeros(n, dtype=torch.int32)  # position of each row's closest centre

@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import faiss
 import torch
 import torch.nn.functional as F
 
 from ad.cache import digest
+
+if TYPE_CHECKING:  # faiss is imported where it is used: a run whose searches are cached never loads it
+    import faiss
 
 #: faiss index kinds: exact search, or graph/inverted-list approximations for large banks.
 INDEX_KINDS = ("flat", "hnsw", "ivf")
@@ -121,6 +124,13 @@ def torch_nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tupl
     return dist.clamp_min_(0), torch.cat([p.indices for p in parts])
 
 
+def faiss_has_gpu() -> bool:
+    """Whether the installed faiss was built with GPU support."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources")
+
+
 def faiss_index(bank: torch.Tensor, kind: str) -> tuple[faiss.Index, object]:
     """A faiss L2 index holding ``bank`` (on the bank's GPU when faiss has GPU support), and its GPU resources.
 
@@ -128,6 +138,8 @@ def faiss_index(bank: torch.Tensor, kind: str) -> tuple[faiss.Index, object]:
         bank: (N, D) rows.
         kind: one of ``INDEX_KINDS``.
     """
+    import faiss
+
     if kind not in INDEX_KINDS:
         raise ValueError(f"faiss_index: kind '{kind}' is not one of {', '.join(INDEX_KINDS)}")
     n, dim = bank.shape
@@ -279,7 +291,7 @@ class NearestNeighbours:
     def __call__(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, D) queries -> (M,) Euclidean distance to, and (M,) index of, the nearest bank row."""
         _check_rows(queries, self.bank, "NearestNeighbours")
-        if self.bank.is_cuda and self.kind == "flat" and not hasattr(faiss, "StandardGpuResources"):
+        if self.bank.is_cuda and self.kind == "flat" and not faiss_has_gpu():
             squared, index = torch_nearest(queries, self.bank)  # faiss-cpu on a GPU run: stay on the GPU
             return squared.sqrt().squeeze(1), index.squeeze(1)
         if self.kind == "flat" and PrunedSearch.suitable(self.bank):
@@ -305,7 +317,7 @@ class NearestNeighbours:
         """The faiss index over the bank (on its GPU when faiss has GPU support)."""
         if self._index is None:
             bank = self.bank
-            if bank.is_cuda and not hasattr(faiss, "StandardGpuResources"):
+            if bank.is_cuda and not faiss_has_gpu():
                 warnings.warn("faiss has no GPU support here (pip install 'ad[gpu]'); searching on the CPU",
                               stacklevel=3)
                 bank = bank.cpu()
