@@ -160,6 +160,7 @@ class FeatureExtractor(nn.Module):
         self._cached: CachedFeatures | None = None  # set by use_cache; never pickled or deep-copied
         self._identity: str | None = None
         self._record: BuildRecord | None = None  # set while the backbone is recalled, not built
+        self._weights: dict[str, torch.Tensor] | None = None  # a recalled backbone's weights, once read
         self._records = records
         key = build_key(name, self.layers, weights, tag) if records is not None else None
         record = recall(records, key) if key is not None else None
@@ -197,7 +198,7 @@ class FeatureExtractor(nn.Module):
     def network(self) -> nn.Module:
         """The backbone network, built now if it was recalled (from the random state its record began with)."""
         if self._record is not None:
-            record, self._record = self._record, None
+            record, self._record, self._weights = self._record, None, None
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(record.rng_before)
                 self._build()
@@ -213,13 +214,15 @@ class FeatureExtractor(nn.Module):
 
     def __getstate__(self) -> dict:
         self.network()  # a copy carries the weights, not a cache's record of them
-        return {**super().__getstate__(), "_cached": None, "_identity": None, "_records": None}
+        return {**super().__getstate__(), "_cached": None, "_identity": None, "_records": None, "_weights": None}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """A recalled backbone's state holds the weights its build made, from the cache (or built now)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._record is not None:
-            weights = recalled_weights(self._records, self._record.identity)
+            if self._weights is None:  # kept: a trainer's checkpoints ask for the state every epoch
+                self._weights = recalled_weights(self._records, self._record.identity)
+            weights = self._weights
             if weights is None:
                 self.network()  # evicted: the state dict recursion then saves the built network's weights
             else:

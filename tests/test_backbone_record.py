@@ -136,3 +136,27 @@ print(json.dumps({{"auroc": results["image_AUROC"],
                                          capture_output=True, text=True).stdout.splitlines()[-1]) for i in range(2)]
     assert outputs[0]["imported"]  # the cold run built its backbone
     assert outputs[1]["imported"] == [] and outputs[1]["auroc"] == pytest.approx(outputs[0]["auroc"], abs=0)
+
+
+def test_a_trained_method_whose_teacher_is_recalled_trains_and_scores_exactly_as_when_built(tmp_path, monkeypatch):
+    """The student's initial weights are drawn after the teacher's build: the restored random state keeps them."""
+    from hydra import compose, initialize_config_dir
+
+    from ad.launch import CONF_DIR
+    from ad.run import run
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=stfpm", "tracking=none", "backbone.weights=random", "dataset.image_size=64", "dataset.n_train=8",
+            "dataset.n_test_good=4", "dataset.n_test_defect=4", "trainer.max_epochs=1",
+            f"runtime.cache_dir={tmp_path / 'cache'}"])
+    built = run(cfg, tmp_path / "built")
+    no_building(monkeypatch)
+    recalled = run(cfg, tmp_path / "recalled")
+    for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
+        assert recalled[key] == built[key]
+    student = "student.conv1.weight"
+    from safetensors.torch import load_file
+
+    tensors = [load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("built", "recalled")]
+    assert tensors[0].keys() == tensors[1].keys() and torch.equal(tensors[0][student], tensors[1][student])
