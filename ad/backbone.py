@@ -171,9 +171,9 @@ class FeatureExtractor(nn.Module):
         self._build()
         fell_back = weights == "imagenet" and self.weights_source != "imagenet"  # may find them next time
         if key is not None and not fell_back:
-            size = Path(self._origin).stat().st_size if self._origin else None
+            origin = str(Path(self._origin).resolve()) if self._origin else None
             record = BuildRecord(self.identity(), self.channels, self.reductions, self.weights_source, rng_before,
-                                 torch.get_rng_state(), self._origin, size)
+                                 torch.get_rng_state(), origin)
             remember(records, key, record, self.model.state_dict())
 
     def _build(self) -> None:

@@ -160,3 +160,24 @@ def test_a_trained_method_whose_teacher_is_recalled_trains_and_scores_exactly_as
 
     tensors = [load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("built", "recalled")]
     assert tensors[0].keys() == tensors[1].keys() and torch.equal(tensors[0][student], tensors[1][student])
+
+
+def test_imagenet_weights_from_the_hub_cache_are_recalled_while_their_file_is_there(tmp_path, monkeypatch):
+    torch.manual_seed(7)
+    hub_file = tmp_path / "hub" / "model.pth"
+    hub_file.parent.mkdir()
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), hub_file)
+    monkeypatch.setattr("ad.weights._cached_hub_file", lambda hub_id: str(hub_file))
+    cache = DiskCache(tmp_path / "cache")
+    built, recalled = built_and_recalled(cache, weights="imagenet")
+    assert recalled.model is None and recalled.weights_source == "imagenet"
+    assert recalled.identity() == built.identity()
+    hub_file.unlink()  # the weights are gone: the next run must look for them again, not recall
+    torch.manual_seed(0)
+    assert recall_of(cache, "imagenet") is None
+
+
+def recall_of(cache: DiskCache, weights: str):
+    from ad.backbone_record import build_key, recall
+
+    return recall(cache, build_key("resnet18", LAYERS, weights, "tv_in1k"))
